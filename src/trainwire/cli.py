@@ -1,0 +1,60 @@
+"""The ``trainwire`` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from trainwire import __version__
+from trainwire.exceptions import TrainwireError
+from trainwire.settings import Settings
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``trainwire`` command line; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="trainwire", description="Live training monitor.")
+    parser.add_argument("--version", action="version", version=f"trainwire {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the server and dashboard")
+    env = Settings.from_env()
+    serve.add_argument("--host", default=env.host, help="address to bind (default %(default)s)")
+    serve.add_argument(
+        "--port", type=int, default=env.port, help="port; 0 picks one (default %(default)s)"
+    )
+    serve.add_argument(
+        "--data", type=Path, default=env.data_dir, help="data directory (default %(default)s)"
+    )
+    serve.add_argument("--port-fallback", action="store_true", help=argparse.SUPPRESS)
+    serve.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+
+    demo = commands.add_parser("demo", help="train a small CNN on the digits data, live")
+    demo.add_argument("--epochs", type=int, default=None, help="epochs (default: about a minute)")
+    demo.add_argument("--url", default=None, help="server URL (default: TRAINWIRE_URL or local)")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        if args.command == "serve":
+            from trainwire.server.runner import serve as run_server
+
+            settings = Settings(host=args.host, port=args.port, data_dir=args.data)
+            run_server(settings, port_fallback=args.port_fallback, ready_fd=args.ready_fd)
+            return 0
+        if args.command == "demo":
+            from trainwire.demo import run_demo
+
+            return run_demo(epochs=args.epochs, url=args.url)
+    except TrainwireError as exc:
+        print(f"trainwire: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    parser.error(f"unknown command {args.command}")
+    return 2  # parser.error exits; mypy does not know that

@@ -1,0 +1,119 @@
+"""Finding the user's local trainwire server, or starting one.
+
+The local server is its own process, never a thread of the training script: it
+must not compete with training for the GIL, and the dashboard must outlive the
+script. One server serves each data directory (the server holds a lock on it),
+so concurrent scripts share it instead of racing to start several.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Final
+
+from trainwire.exceptions import TransientError
+from trainwire.settings import DEFAULT_PORT
+
+__all__ = ["DISCOVERY_FILE", "ensure_local_server", "is_trainwire", "read_discovery"]
+
+logger = logging.getLogger("trainwire.client")
+
+DISCOVERY_FILE: Final = "server.json"
+
+_LAUNCHER: Final = (
+    "import subprocess, sys; "
+    "subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL, start_new_session=True, "
+    "pass_fds=(int(sys.argv[sys.argv.index('--ready-fd') + 1]),))"
+)
+
+
+def is_trainwire(url: str, timeout: float = 2.0) -> bool:
+    """Whether a trainwire server answers at ``url`` (``http://host:port``)."""
+    try:
+        with urllib.request.urlopen(f"{url}/api/health", timeout=timeout) as response:
+            body = json.loads(response.read())
+    except (OSError, ValueError):
+        return False
+    return isinstance(body, dict) and body.get("app") == "trainwire"
+
+
+def read_discovery(data_dir: Path) -> str | None:
+    """The URL a server serving ``data_dir`` wrote down, if any."""
+    try:
+        info = json.loads((data_dir / DISCOVERY_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    url = info.get("url") if isinstance(info, dict) else None
+    return url if isinstance(url, str) else None
+
+
+def ensure_local_server(data_dir: Path, port: int = DEFAULT_PORT, timeout: float = 15.0) -> str:
+    """The URL of the server for ``data_dir``, started in the background if none runs.
+
+    Returns:
+        ``http://127.0.0.1:PORT``; ``port`` is preferred, any free one is taken if busy.
+
+    Raises:
+        TransientError: no server could be started within ``timeout`` seconds.
+    """
+    url = read_discovery(data_dir)
+    if url is not None and is_trainwire(url):
+        return url
+    data_dir.mkdir(parents=True, exist_ok=True)
+    read_end, write_end = os.pipe()
+    log = open(data_dir / "server.log", "ab")  # noqa: SIM115 - handed to the child
+    try:
+        command = [
+            sys.executable,
+            "-m",
+            "trainwire",
+            "serve",
+            "--data",
+            str(data_dir),
+            "--port",
+            str(port),
+            "--port-fallback",
+            "--ready-fd",
+            str(write_end),
+        ]
+        # Started through a short-lived launcher that we wait for: the server is then
+        # nobody's child here (no zombie, no "still running" warning when this
+        # script's Popen is collected), in a session of its own, so it outlives this
+        # script and its terminal's Ctrl-C.
+        launcher = subprocess.Popen(
+            [sys.executable, "-c", _LAUNCHER, *command],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            pass_fds=(write_end,),
+        )
+        launcher.wait(timeout)
+    finally:
+        os.close(write_end)
+        log.close()
+    try:
+        # The child writes its URL once its socket listens, then closes the pipe.
+        chunks = []
+        while True:
+            ready, _, _ = select.select([read_end], [], [], timeout)
+            if not ready:
+                raise TransientError(f"trainwire server did not start in {timeout:g} s")
+            chunk = os.read(read_end, 4096)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(read_end)
+    url = b"".join(chunks).decode().strip()
+    if not url:
+        raise TransientError(f"trainwire server failed to start; see {data_dir / 'server.log'}")
+    logger.info("started trainwire server at %s", url)
+    return url

@@ -1,0 +1,200 @@
+"""Every message of the trainwire protocol, and how each is encoded.
+
+Trainer <-> server frames are msgpack, decoded by ``msgspec`` into typed, frozen
+structs in a single validating pass. Server <-> browser frames are JSON. The full
+description, with close codes, is ``docs/protocol.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+
+from trainwire.exceptions import ProtocolError
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Ack",
+    "Batch",
+    "DashboardError",
+    "DashboardHello",
+    "DashboardIn",
+    "Finish",
+    "FinishStatus",
+    "Hello",
+    "Points",
+    "Row",
+    "RunInfo",
+    "RunSpec",
+    "RunStatus",
+    "RunUpdate",
+    "Runs",
+    "Series",
+    "ServerToTrainer",
+    "Subscribe",
+    "TrainerToServer",
+    "Unsubscribe",
+    "Welcome",
+    "decode_dashboard_message",
+    "encode_json",
+    "json_value",
+]
+
+PROTOCOL_VERSION: Final = 1
+
+# One logged step: (step, unix time, {metric key: value}).
+Row = tuple[int, float, dict[str, float]]
+
+
+class RunStatus:
+    """The lifecycle states of a run, as they appear on the wire and in storage."""
+
+    RUNNING: Final = "running"
+    FINISHED: Final = "finished"
+    CRASHED: Final = "crashed"
+
+
+# How a trainer may end its run; "crashed" is also decided by the server (issue 3).
+FinishStatus = Literal["finished", "crashed"]
+
+
+class RunSpec(msgspec.Struct, frozen=True):
+    """What a trainer says about its run. ``id`` is chosen by the client, so that
+    re-sending it after a reconnect opens the same run again."""
+
+    id: str
+    project: str
+    name: str
+    config: dict[str, Any] = {}
+
+
+# -- trainer -> server (msgpack) ---------------------------------------------------
+
+
+class Hello(msgspec.Struct, frozen=True, tag="hello", tag_field="type"):
+    v: int
+    run: RunSpec
+    client: str = ""
+
+
+class Batch(msgspec.Struct, frozen=True, tag="batch", tag_field="type"):
+    seq: int
+    rows: list[Row]
+
+
+class Finish(msgspec.Struct, frozen=True, tag="finish", tag_field="type"):
+    """The run's last sequenced item: acknowledged like a batch."""
+
+    seq: int
+    status: FinishStatus = "finished"
+
+
+TrainerToServer = Hello | Batch | Finish
+
+# -- server -> trainer (msgpack) ---------------------------------------------------
+
+
+class Welcome(msgspec.Struct, frozen=True, tag="welcome", tag_field="type"):
+    v: int
+    run_id: str
+    last_seq: int
+
+
+class Ack(msgspec.Struct, frozen=True, tag="ack", tag_field="type"):
+    seq: int
+
+
+ServerToTrainer = Welcome | Ack
+
+# -- dashboard <-> server (JSON) ---------------------------------------------------
+
+
+class Subscribe(msgspec.Struct, frozen=True, tag="subscribe", tag_field="type"):
+    run: str
+    after: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+class Unsubscribe(msgspec.Struct, frozen=True, tag="unsubscribe", tag_field="type"):
+    run: str
+
+
+DashboardIn = Subscribe | Unsubscribe
+
+
+class RunInfo(msgspec.Struct, frozen=True):
+    id: str
+    project: str
+    name: str
+    status: str
+    created: float
+    updated: float
+    config: dict[str, Any]
+
+
+class Series(msgspec.Struct):
+    """One metric's points in columns. ``value`` holds floats, or the strings
+    ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` once passed through
+    :func:`json_value` (JSON has no spelling for them)."""
+
+    step: list[int]
+    time: list[float]
+    value: list[float | str]
+
+
+class DashboardHello(msgspec.Struct, frozen=True, tag="hello", tag_field="type"):
+    v: int
+    version: str
+
+
+class Runs(msgspec.Struct, frozen=True, tag="runs", tag_field="type"):
+    runs: list[RunInfo]
+
+
+class RunUpdate(msgspec.Struct, frozen=True, tag="run", tag_field="type"):
+    run: RunInfo
+
+
+class Points(msgspec.Struct, frozen=True, tag="points", tag_field="type"):
+    run: str
+    seq: int
+    series: dict[str, Series]
+
+
+class DashboardError(msgspec.Struct, frozen=True, tag="error", tag_field="type"):
+    message: str
+
+
+_dashboard_decoder: Final[msgspec.json.Decoder[DashboardIn]] = msgspec.json.Decoder(DashboardIn)
+_json_encoder: Final = msgspec.json.Encoder()
+
+
+def decode_dashboard_message(text: str | bytes) -> DashboardIn:
+    """Decode one browser frame.
+
+    Raises:
+        ProtocolError: the frame is not a known, well-formed message; the reason
+            names the offending field, and the connection may stay open.
+    """
+    try:
+        return _dashboard_decoder.decode(text)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"bad dashboard message: {exc}") from exc
+
+
+def encode_json(message: msgspec.Struct) -> bytes:
+    """Encode a server -> browser message."""
+    return _json_encoder.encode(message)
+
+
+_NON_FINITE: Final = {math.inf: "Infinity", -math.inf: "-Infinity"}
+
+
+def json_value(value: float) -> float | str:
+    """Spell a float for JSON: non-finite values become JavaScript's own spelling."""
+    if math.isfinite(value):
+        return value
+    if value != value:
+        return "NaN"
+    return _NON_FINITE[value]

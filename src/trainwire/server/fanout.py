@@ -1,0 +1,190 @@
+"""Fan-out to dashboards: one bounded queue per browser, catch-up from storage.
+
+A dashboard never slows ingest or another dashboard. Bus handlers only append to
+this connection's queue; when the queue is full it is dropped whole, and the
+connection is caught up from storage, which already holds every point, once the
+browser reads again. Sequence numbers make every path gap-free and duplicate-free:
+a live event is forwarded only if it starts exactly where the last frame sent for
+that run ended (``prev_seq``); anything else is answered from storage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+from starlette.concurrency import run_in_threadpool
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from trainwire.exceptions import ProtocolError
+from trainwire.protocol.columns import spelled
+from trainwire.protocol.messages import (
+    PROTOCOL_VERSION,
+    DashboardError,
+    DashboardHello,
+    DashboardIn,
+    Points,
+    RunInfo,
+    Runs,
+    RunUpdate,
+    Series,
+    Subscribe,
+    Unsubscribe,
+    decode_dashboard_message,
+    encode_json,
+)
+from trainwire.server.bus import Bus, BusEvent, PointsCommitted, RunChanged
+from trainwire.storage import Store
+
+__all__ = ["DashboardFeed", "serve_dashboard"]
+
+logger = logging.getLogger("trainwire.server")
+
+ReadMetrics = Callable[[str, int], Awaitable[tuple[int, dict[str, Series]]]]
+SendFrame = Callable[[bytes], Awaitable[None]]
+
+DEFAULT_MAX_QUEUED: Final = 1024
+
+
+class DashboardFeed:
+    """What one browser is sent.
+
+    Args:
+        read_metrics: ``(run_id, after) -> (last_seq, series)`` from storage.
+        send: writes one JSON frame to the browser; may wait on a slow socket.
+        max_queued: live events held for this browser before falling back to
+            catch-up from storage.
+    """
+
+    def __init__(
+        self, read_metrics: ReadMetrics, send: SendFrame, max_queued: int = DEFAULT_MAX_QUEUED
+    ) -> None:
+        self._read_metrics = read_metrics
+        self._send = send
+        self._max_queued = max_queued
+        self._last_sent: dict[str, int] = {}  # run id -> seq of the last points frame sent
+        self._events: deque[PointsCommitted] = deque()
+        self._run_updates: dict[str, RunInfo] = {}
+        self._commands: deque[DashboardIn] = deque()
+        self._overflowed = False
+        self._wake = asyncio.Event()
+        self.overflows = 0
+
+    # -- input (never blocks) -------------------------------------------------------
+
+    def on_event(self, event: BusEvent) -> None:
+        """Bus handler."""
+        match event:
+            case PointsCommitted(run_id=run_id):
+                if run_id not in self._last_sent:
+                    return
+                if len(self._events) >= self._max_queued:
+                    self._events.clear()
+                    self._overflowed = True
+                    self.overflows += 1
+                else:
+                    self._events.append(event)
+            case RunChanged(run=run):
+                # Coalesced: only a run's latest state matters.
+                self._run_updates[run.id] = run
+        self._wake.set()
+
+    def command(self, message: DashboardIn) -> None:
+        """A message from the browser."""
+        self._commands.append(message)
+        self._wake.set()
+
+    # -- output ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Send to the browser until cancelled."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self.pump()
+
+    async def pump(self) -> None:
+        """Send everything due now."""
+        while self._commands:
+            match self._commands.popleft():
+                case Subscribe(run=run_id, after=after):
+                    self._last_sent[run_id] = after
+                    await self._catch_up(run_id, snapshot=after == 0)
+                case Unsubscribe(run=run_id):
+                    self._last_sent.pop(run_id, None)
+        if self._overflowed:
+            self._overflowed = False
+            self._events.clear()
+            for run_id in list(self._last_sent):
+                await self._catch_up(run_id, snapshot=False)
+        while self._run_updates:
+            _, run = self._run_updates.popitem()
+            await self._send(encode_json(RunUpdate(run=run)))
+        while self._events and not self._overflowed:
+            event = self._events.popleft()
+            last = self._last_sent.get(event.run_id)
+            if last is None or event.seq <= last:
+                continue  # unsubscribed, or already sent by a catch-up
+            if event.prev_seq != last:
+                await self._catch_up(event.run_id, snapshot=False)
+                continue
+            await self._send(event.frame)
+            self._last_sent[event.run_id] = event.seq
+
+    async def _catch_up(self, run_id: str, *, snapshot: bool) -> None:
+        after = self._last_sent.get(run_id)
+        if after is None:
+            return
+        last_seq, series = await self._read_metrics(run_id, after)
+        if run_id not in self._last_sent or (last_seq <= after and not snapshot):
+            return
+        frame = Points(run=run_id, seq=max(last_seq, after), series=spelled(series))
+        await self._send(encode_json(frame))
+        self._last_sent[run_id] = max(last_seq, after)
+
+
+async def serve_dashboard(
+    ws: WebSocket, store: Store, bus: Bus, version: str, max_queued: int
+) -> None:
+    """Run one browser connection until it closes."""
+    await ws.accept()
+
+    async def send(frame: bytes) -> None:
+        await ws.send_text(frame.decode())
+
+    async def read_metrics(run_id: str, after: int) -> tuple[int, dict[str, Series]]:
+        return await run_in_threadpool(store.metrics, run_id, None, after)
+
+    feed = DashboardFeed(read_metrics, send, max_queued)
+    # Subscribe before listing runs, so no run created in between is missed.
+    unsubscribe = bus.subscribe(feed.on_event)
+    writer: asyncio.Task[None] | None = None
+    try:
+        await send(encode_json(DashboardHello(v=PROTOCOL_VERSION, version=version)))
+        runs = await run_in_threadpool(store.list_runs)
+        await send(encode_json(Runs(runs=runs)))
+        writer = asyncio.create_task(feed.run())
+        while True:
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            text = message.get("text")
+            if text is None:
+                await send(encode_json(DashboardError("dashboard frames must be JSON text")))
+                continue
+            try:
+                feed.command(decode_dashboard_message(text))
+            except ProtocolError as exc:
+                await send(encode_json(DashboardError(str(exc))))
+    except WebSocketDisconnect:
+        return
+    finally:
+        unsubscribe()
+        if writer is not None:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect, RuntimeError):
+                await writer

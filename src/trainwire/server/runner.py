@@ -1,0 +1,149 @@
+"""Running the server process: the data-directory lock, the socket, uvicorn."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Final
+
+import uvicorn
+from starlette.types import ASGIApp
+
+from trainwire import __version__
+from trainwire.exceptions import ConfigError
+from trainwire.server.app import create_app
+from trainwire.settings import Settings
+
+__all__ = ["AlreadyServing", "bind", "serve", "server_url", "uvicorn_config"]
+
+logger = logging.getLogger("trainwire.server")
+
+DISCOVERY_FILE: Final = "server.json"
+LOCK_FILE: Final = "server.lock"
+
+
+class AlreadyServing(ConfigError):
+    """Another server holds this data directory."""
+
+    def __init__(self, data_dir: Path, url: str | None) -> None:
+        super().__init__(
+            f"a trainwire server already serves {data_dir}" + (f" at {url}" if url else "")
+        )
+        self.url = url
+
+
+def server_url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def bind(host: str, port: int, *, fallback: bool = False) -> socket.socket:
+    """A listening socket. Connections made before uvicorn starts wait in its backlog,
+    so the URL can be handed out as soon as this returns.
+
+    Args:
+        fallback: take any free port if ``port`` is in use.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        if not (fallback and exc.errno == errno.EADDRINUSE):
+            sock.close()
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+        sock.bind((host, 0))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+@contextlib.contextmanager
+def _data_dir_lock(data_dir: Path) -> Iterator[IO[str]]:
+    # One server per data directory: a second one would write the same SQLite file
+    # and leave dashboards on either of them blind to the other's runs.
+    data_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(data_dir / LOCK_FILE, "a")  # noqa: SIM115
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            url = None
+            with contextlib.suppress(OSError, ValueError):
+                url = json.loads((data_dir / DISCOVERY_FILE).read_text()).get("url")
+            raise AlreadyServing(data_dir, url) from None
+        yield handle
+    finally:
+        handle.close()
+
+
+def serve(settings: Settings, *, port_fallback: bool = False, ready_fd: int | None = None) -> None:
+    """Serve until SIGINT or SIGTERM.
+
+    Args:
+        port_fallback: take any free port if ``settings.port`` is in use.
+        ready_fd: a file descriptor to write the server's URL to, then close, once it
+            listens (or the URL of the server already serving this data directory).
+
+    Raises:
+        AlreadyServing: another server holds ``settings.data_dir``.
+        ConfigError: the address cannot be bound.
+    """
+    try:
+        with _data_dir_lock(settings.data_dir):
+            sock = bind(settings.host, settings.port, fallback=port_fallback)
+            url = server_url(sock)
+            discovery = settings.data_dir / DISCOVERY_FILE
+            discovery.write_text(
+                json.dumps({"url": url, "pid": os.getpid(), "version": __version__})
+            )
+            logger.info("trainwire %s serving %s at %s", __version__, settings.data_dir, url)
+            _signal_ready(ready_fd, url)
+            ready_fd = None
+            try:
+                server = uvicorn.Server(uvicorn_config(create_app(settings), settings))
+                server.run(sockets=[sock])
+            finally:
+                with contextlib.suppress(OSError):
+                    discovery.unlink()
+                sock.close()
+    except AlreadyServing as exc:
+        if ready_fd is not None and exc.url:
+            _signal_ready(ready_fd, exc.url)
+            ready_fd = None
+        raise
+    finally:
+        if ready_fd is not None:
+            os.close(ready_fd)
+
+
+def uvicorn_config(app: ASGIApp, settings: Settings) -> uvicorn.Config:
+    """The uvicorn configuration for serving ``app``, built from ``settings``."""
+    return uvicorn.Config(
+        app,
+        ws="websockets-sansio",
+        ws_max_size=settings.max_frame_bytes,
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+
+
+def _signal_ready(fd: int | None, url: str) -> None:
+    if fd is None:
+        return
+    try:
+        os.write(fd, url.encode())
+    finally:
+        os.close(fd)

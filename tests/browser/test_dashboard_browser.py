@@ -1,0 +1,89 @@
+"""The real thing: Debian's Chromium, driven by Playwright, watching a live run."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from tests.conftest import MS, LiveServer
+
+import trainwire
+
+playwright_sync = pytest.importorskip("playwright.sync_api")
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not shutil.which(CHROMIUM):
+        pytest.fail(f"chromium not found at {CHROMIUM}: apt-get install -y chromium")
+    with playwright_sync.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        yield browser
+        browser.close()
+
+
+def points_in(page: Any, key: str) -> str:
+    return f"document.querySelector('[data-key=\"{key}\"]')?.dataset.points"
+
+
+def wait_for_points(page: Any, key: str, n: int) -> None:
+    page.wait_for_function(
+        f"() => Number({points_in(page, key)}) >= {n}", timeout=15_000 * MS * 1000
+    )
+
+
+def test_a_live_run_is_drawn_and_resumes_without_a_gap_after_a_dropped_connection(
+    live_server: LiveServer, browser: Any
+) -> None:
+    errors: list[str] = []
+    page = browser.new_page()
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    run = trainwire.init(
+        project="browser", name="<img src=x onerror=alert(1)>", url=live_server.url
+    )
+    run.log({"train/loss": 1.0, "val/acc": 0.1})
+    page.goto(run.url)
+    page.wait_for_selector('#conn[data-state="live"]')
+    for step in range(1, 60):
+        run.log({"train/loss": 1.0 / (step + 1), "lr": 0.01 * step})
+    wait_for_points(page, "train/loss", 60)
+    assert page.locator('[data-key="val/acc"]').count() == 1
+    # The run's name is shown as text, never parsed as HTML.
+    assert page.get_by_text("<img src=x onerror=alert(1)>").count() >= 1
+    assert page.locator("img[src=x]").count() == 0
+
+    # Drop every connection: the server goes away while training goes on.
+    live_server.stop()
+    page.wait_for_selector('#conn[data-state="reconnecting"]')
+    for step in range(60, 120):
+        run.log({"train/loss": 1.0 / (step + 1), "lr": 0.01 * step})
+    live_server.start()
+    page.wait_for_selector('#conn[data-state="live"]', timeout=30_000 * MS * 1000)
+    for step in range(120, 150):
+        run.log({"train/loss": 1.0 / (step + 1), "lr": 0.01 * step})
+    run.finish()
+    assert run.delivered
+    wait_for_points(page, "train/loss", 150)
+    steps = page.evaluate(
+        f"() => Array.from(window.__trainwire.series[{run.id!r}]['train/loss'].step)"
+    )
+    assert steps == list(range(150))  # no gap, no duplicate
+    assert page.locator(f'[data-run-id="{run.id}"]').count() == 1
+    assert errors == []
+    page.screenshot(path="/tmp/tw-dashboard.png", full_page=True)
+    page.close()

@@ -1,0 +1,69 @@
+"""Shared fixtures: a real server on port 0, in a thread of the test process."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from trainwire.server.app import create_app
+from trainwire.server.runner import bind, server_url, uvicorn_config
+from trainwire.settings import Settings
+from trainwire.storage import SQLiteStore
+
+# Every timeout in the suite is a multiple of this, scaled for slow CI machines.
+MS = 0.001 * float(os.environ.get("TRAINWIRE_TESTS_TIMEOUT_FACTOR", "1"))
+
+
+@dataclass
+class LiveServer:
+    """A real trainwire server (uvicorn, real sockets) on a free port.
+
+    ``stop()`` and ``start()`` restart it on the same port and data directory, as a
+    server restart would.
+    """
+
+    data_dir: Path
+    port: int = 0
+    url: str = ""
+    store: SQLiteStore = field(init=False)
+    _server: uvicorn.Server | None = None
+    _thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        settings = Settings(port=self.port, data_dir=self.data_dir)
+        self.store = SQLiteStore(settings.db_path)
+        # Bound here, before the thread starts: the port is known at once, and
+        # connections made before uvicorn is ready wait in the backlog.
+        sock = bind("127.0.0.1", self.port)
+        self.url = server_url(sock)
+        self.port = sock.getsockname()[1]
+        config = uvicorn_config(create_app(settings, store=self.store), settings)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [sock]}, daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        assert self._server is not None and self._thread is not None
+        self._server.should_exit = True
+        self._thread.join(10_000 * MS)
+        assert not self._thread.is_alive(), "server did not stop"
+
+    @property
+    def ws_url(self) -> str:
+        return self.url.replace("http://", "ws://")
+
+
+@pytest.fixture
+def live_server(tmp_path: Path) -> Iterator[LiveServer]:
+    server = LiveServer(data_dir=tmp_path / "server-data")
+    server.start()
+    yield server
+    server.stop()

@@ -1,0 +1,224 @@
+from __future__ import annotations
+
+import math
+
+import msgspec
+import pytest
+
+from trainwire.exceptions import ProtocolError, VersionMismatch
+from trainwire.protocol.messages import (
+    PROTOCOL_VERSION,
+    Ack,
+    Batch,
+    Finish,
+    Hello,
+    RunSpec,
+    Welcome,
+)
+from trainwire.protocol.session import ClientSession, ConnectionState, ServerSession
+
+SPEC = RunSpec(id="r1", project="p", name="n", config={"lr": 0.1})
+enc = msgspec.msgpack.encode
+
+
+def decode(frames: list[bytes]) -> list[object]:
+    return [msgspec.msgpack.decode(f, type=Hello | Batch | Finish | Welcome | Ack) for f in frames]
+
+
+def open_client(last_seq: int = 0, **kwargs: int) -> ClientSession:
+    client = ClientSession(SPEC, **kwargs)
+    client.connection_made()
+    client.receive_frame(enc(Welcome(v=PROTOCOL_VERSION, run_id="r1", last_seq=last_seq)))
+    return client
+
+
+def test_client_says_hello_first_and_sends_nothing_before_welcome() -> None:
+    client = ClientSession(SPEC)
+    client.add_rows([(0, 1.0, {"loss": 1.0})])
+    assert client.frames_to_send() == []
+    hello = msgspec.msgpack.decode(client.connection_made(), type=Hello)
+    assert hello.v == PROTOCOL_VERSION and hello.run == SPEC
+    assert client.state is ConnectionState.AWAITING_WELCOME
+    assert client.frames_to_send() == []
+
+
+def test_client_cuts_rows_into_numbered_batches() -> None:
+    client = open_client(rows_per_batch=2)
+    client.add_rows([(i, float(i), {"x": float(i)}) for i in range(5)])
+    batches = decode(client.frames_to_send())
+    assert [(b.seq, len(b.rows)) for b in batches] == [(1, 2), (2, 2), (3, 1)]  # type: ignore[attr-defined]
+    assert client.frames_to_send() == []
+
+
+def test_client_keeps_batches_until_acked_and_resends_after_reconnect() -> None:
+    client = open_client()
+    client.add_rows([(0, 0.0, {"x": 0.0})])
+    client.frames_to_send()
+    client.add_rows([(1, 1.0, {"x": 1.0})])
+    client.frames_to_send()
+    client.receive_frame(enc(Ack(seq=1)))
+    assert client.pending_rows == 1
+    client.connection_lost()
+    client.connection_made()
+    assert client.frames_to_send() == []
+    client.receive_frame(enc(Welcome(v=PROTOCOL_VERSION, run_id="r1", last_seq=1)))
+    assert [b.seq for b in decode(client.frames_to_send())] == [2]  # type: ignore[attr-defined]
+
+
+def test_client_drops_what_the_welcome_says_is_stored() -> None:
+    client = open_client(rows_per_batch=1)
+    client.add_rows([(i, 0.0, {"x": 0.0}) for i in range(3)])
+    client.frames_to_send()
+    client.connection_lost()
+    client.connection_made()
+    client.receive_frame(enc(Welcome(v=PROTOCOL_VERSION, run_id="r1", last_seq=1)))
+    assert [b.seq for b in decode(client.frames_to_send())] == [2, 3]  # type: ignore[attr-defined]
+
+
+def test_client_resuming_a_run_continues_its_numbering() -> None:
+    client = open_client(last_seq=41)
+    client.add_rows([(0, 0.0, {"x": 0.0})])
+    assert [b.seq for b in decode(client.frames_to_send())] == [42]  # type: ignore[attr-defined]
+
+
+def test_finish_is_sequenced_after_every_row_and_done_once_acked() -> None:
+    client = open_client()
+    client.add_rows([(0, 0.0, {"x": 0.0})])
+    client.finish()
+    client.finish()
+    frames = decode(client.frames_to_send())
+    assert frames == [Batch(seq=1, rows=[(0, 0.0, {"x": 0.0})]), Finish(seq=2)]
+    assert not client.done
+    client.receive_frame(enc(Ack(seq=2)))
+    assert client.done and client.pending_rows == 0
+    with pytest.raises(ProtocolError):
+        client.add_rows([(1, 0.0, {"x": 0.0})])
+
+
+def test_client_rejects_another_protocol_version_and_garbage() -> None:
+    client = ClientSession(SPEC)
+    client.connection_made()
+    with pytest.raises(VersionMismatch):
+        client.receive_frame(enc(Welcome(v=99, run_id="r1", last_seq=0)))
+    with pytest.raises(ProtocolError):
+        client.receive_frame(b"\xc1")
+    with pytest.raises(ProtocolError, match="ack before welcome"):
+        ClientSession(SPEC).receive_frame(enc(Ack(seq=1)))
+
+
+def test_drop_oldest_pending_forgets_only_unbatched_rows() -> None:
+    client = ClientSession(SPEC)
+    client.add_rows([(i, 0.0, {"x": 0.0}) for i in range(5)])
+    assert client.drop_oldest_pending(3) == 3
+    assert client.drop_oldest_pending(9) == 2
+    assert client.pending_rows == 0
+
+
+def test_server_welcomes_then_acks_after_commit_only() -> None:
+    server = ServerSession()
+    message = server.receive_frame(enc(Hello(v=PROTOCOL_VERSION, run=SPEC)))
+    assert message == Hello(v=PROTOCOL_VERSION, run=SPEC)
+    assert server.frames_to_send() == []
+    server.run_opened(SPEC, last_seq=0)
+    assert decode(server.frames_to_send()) == [Welcome(v=PROTOCOL_VERSION, run_id="r1", last_seq=0)]
+    batch = Batch(seq=1, rows=[(0, 1.0, {"loss": math.inf})])
+    assert server.receive_frame(enc(batch)) == batch
+    assert server.frames_to_send() == []  # nothing until the caller has committed
+    server.committed(1)
+    assert decode(server.frames_to_send()) == [Ack(seq=1)]
+
+
+def test_server_acks_a_duplicate_without_asking_to_store_it() -> None:
+    server = ServerSession()
+    server.receive_frame(enc(Hello(v=PROTOCOL_VERSION, run=SPEC)))
+    server.run_opened(SPEC, last_seq=3)
+    server.frames_to_send()
+    assert server.receive_frame(enc(Batch(seq=2, rows=[]))) is None
+    assert decode(server.frames_to_send()) == [Ack(seq=2)]
+
+
+@pytest.mark.parametrize(
+    ("frame", "code", "reason"),
+    [
+        (enc(Hello(v=2, run=SPEC)), 4001, "unsupported protocol version 2; this server speaks 1"),
+        (b"\x93\x01", 1003, "malformed frame"),
+        (enc({"type": "launch", "seq": 1}), 1003, "malformed frame"),
+        (enc(Batch(seq=1, rows=[])), 1008, "batch before hello"),
+        (enc(Finish(seq=1)), 1008, "finish before hello"),
+    ],
+)
+def test_server_refuses_bad_frames_with_a_close_code_and_reason(
+    frame: bytes, code: int, reason: str
+) -> None:
+    with pytest.raises(ProtocolError) as info:
+        ServerSession().receive_frame(frame)
+    assert info.value.code == code
+    assert info.value.reason.startswith(reason)
+
+
+def test_server_refuses_a_non_numeric_value_naming_where_it_is() -> None:
+    server = ServerSession()
+    server.receive_frame(enc(Hello(v=PROTOCOL_VERSION, run=SPEC)))
+    server.run_opened(SPEC, 0)
+    bad = enc({"type": "batch", "seq": 1, "rows": [[0, 0.0, {"loss": "high"}]]})
+    with pytest.raises(ProtocolError, match=r"Expected `float`, got `str` - at `\$.rows\[0\]"):
+        server.receive_frame(bad)
+
+
+def test_server_refuses_a_second_hello_and_seq_zero() -> None:
+    server = ServerSession()
+    server.receive_frame(enc(Hello(v=PROTOCOL_VERSION, run=SPEC)))
+    server.run_opened(SPEC, 0)
+    with pytest.raises(ProtocolError, match="hello sent twice"):
+        server.receive_frame(enc(Hello(v=PROTOCOL_VERSION, run=SPEC)))
+    with pytest.raises(ProtocolError, match="start at 1"):
+        server.receive_frame(enc(Batch(seq=0, rows=[])))
+
+
+def test_close_reasons_fit_in_a_close_frame() -> None:
+    error = ProtocolError("x" * 500)
+    assert len(error.reason.encode()) <= 123
+
+
+def test_client_and_server_sessions_deliver_everything_exactly_once_across_drops() -> None:
+    """Pump both cores against each other, losing the connection every few frames."""
+    client = ClientSession(SPEC, rows_per_batch=3)
+    stored: dict[int, list[int]] = {}
+    last_seq = 0
+    for round_ in range(6):
+        client.add_rows([(round_ * 10 + i, 0.0, {"x": 1.0}) for i in range(7)])
+        server = ServerSession()
+        hello = server.receive_frame(client.connection_made())
+        assert isinstance(hello, Hello)
+        server.run_opened(hello.run, last_seq)
+        for frame in server.frames_to_send():
+            client.receive_frame(frame)
+        frames = client.frames_to_send()
+        # Deliver only some of the frames, and only some of the acks, then drop.
+        for frame in frames[: round_ % 3 + 1]:
+            message = server.receive_frame(frame)
+            if isinstance(message, Batch):
+                stored[message.seq] = [row[0] for row in message.rows]
+                last_seq = message.seq
+                server.committed(message.seq)
+        for frame in server.frames_to_send()[:1]:
+            client.receive_frame(frame)
+        client.connection_lost()
+    client.finish()
+    server = ServerSession()
+    hello = server.receive_frame(client.connection_made())
+    assert isinstance(hello, Hello)
+    server.run_opened(hello.run, last_seq)
+    for frame in server.frames_to_send():
+        client.receive_frame(frame)
+    for frame in client.frames_to_send():
+        message = server.receive_frame(frame)
+        if isinstance(message, Batch):
+            stored[message.seq] = [row[0] for row in message.rows]
+        if message is not None:
+            server.committed(message.seq)  # type: ignore[union-attr]
+    for frame in server.frames_to_send():
+        client.receive_frame(frame)
+    steps = [step for seq in sorted(stored) for step in stored[seq]]
+    assert steps == [r * 10 + i for r in range(6) for i in range(7)]
+    assert client.done

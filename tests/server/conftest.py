@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+from fastapi.testclient import TestClient
+from starlette.testclient import WebSocketTestSession
+
+from trainwire.protocol.messages import PROTOCOL_VERSION, Hello, RunSpec, ServerToTrainer
+from trainwire.server.app import create_app
+from trainwire.settings import Settings
+
+SPEC = RunSpec(id="run-1", project="digits", name="cnn", config={"lr": 0.003})
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[TestClient]:
+    """The app in-process: no port, no thread of our own."""
+    app = create_app(Settings(data_dir=tmp_path, max_frame_bytes=64 * 1024))
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+def send(ws: WebSocketTestSession, message: object) -> None:
+    ws.send_bytes(msgspec.msgpack.encode(message))
+
+
+def receive(ws: WebSocketTestSession) -> ServerToTrainer:
+    return msgspec.msgpack.decode(ws.receive_bytes(), type=ServerToTrainer)
+
+
+@contextlib.contextmanager
+def open_trainer(client: TestClient, spec: RunSpec = SPEC) -> Iterator[WebSocketTestSession]:
+    """A trainer connection, already welcomed."""
+    with client.websocket_connect("/ws/ingest") as ws:
+        send(ws, Hello(v=PROTOCOL_VERSION, run=spec))
+        receive(ws)
+        yield ws

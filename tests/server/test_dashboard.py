@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.testclient import TestClient
+from starlette.testclient import WebSocketTestSession
+
+from tests.server.conftest import SPEC, open_trainer, receive, send
+from trainwire.protocol.messages import Batch, Finish, RunSpec
+
+
+def log_batch(trainer: WebSocketTestSession, seq: int, *steps: int) -> None:
+    send(
+        trainer, Batch(seq=seq, rows=[(s, float(s), {"train/loss": 1.0 / (s + 1)}) for s in steps])
+    )
+    receive(trainer)
+
+
+def open_dashboard(client: TestClient) -> Any:
+    return client.websocket_connect("/ws/dashboard")
+
+
+def greeting(dash: WebSocketTestSession) -> list[dict[str, Any]]:
+    hello = dash.receive_json()
+    assert hello["type"] == "hello" and hello["v"] == 1
+    runs = dash.receive_json()
+    assert runs["type"] == "runs"
+    return runs["runs"]  # type: ignore[no-any-return]
+
+
+def steps(frame: dict[str, Any]) -> list[int]:
+    return frame["series"]["train/loss"]["step"]  # type: ignore[no-any-return]
+
+
+def test_dashboard_gets_runs_then_a_snapshot_then_live_deltas(client: TestClient) -> None:
+    with open_trainer(client) as trainer:
+        log_batch(trainer, 1, 0, 1)
+        with open_dashboard(client) as dash:
+            [run] = greeting(dash)
+            assert (run["id"], run["name"], run["status"]) == ("run-1", "cnn", "running")
+            dash.send_json({"type": "subscribe", "run": "run-1", "after": 0})
+            snapshot = dash.receive_json()
+            assert (snapshot["type"], snapshot["seq"], steps(snapshot)) == ("points", 1, [0, 1])
+            log_batch(trainer, 2, 2)
+            delta = dash.receive_json()
+            assert (delta["seq"], steps(delta)) == (2, [2])
+            send(trainer, Finish(seq=3))
+            receive(trainer)
+            update = dash.receive_json()
+            assert update["type"] == "run" and update["run"]["status"] == "finished"
+
+
+def test_a_reconnecting_dashboard_resumes_without_gap_or_duplicate(client: TestClient) -> None:
+    with open_trainer(client) as trainer:
+        log_batch(trainer, 1, 0)
+        with open_dashboard(client) as dash:
+            greeting(dash)
+            dash.send_json({"type": "subscribe", "run": "run-1"})
+            assert steps(dash.receive_json()) == [0]
+        # While the dashboard is away, the run goes on.
+        log_batch(trainer, 2, 1)
+        log_batch(trainer, 3, 2)
+        with open_dashboard(client) as dash:
+            greeting(dash)
+            dash.send_json({"type": "subscribe", "run": "run-1", "after": 1})
+            missed = dash.receive_json()
+            assert (missed["seq"], steps(missed)) == (3, [1, 2])
+            log_batch(trainer, 4, 3)
+            assert steps(dash.receive_json()) == [3]
+
+
+def test_a_new_run_appears_on_open_dashboards(client: TestClient) -> None:
+    with open_dashboard(client) as dash:
+        assert greeting(dash) == []
+        with open_trainer(client, RunSpec(id="new", project="p", name="<b>x</b>")):
+            update = dash.receive_json()
+            assert update["type"] == "run" and update["run"]["name"] == "<b>x</b>"
+
+
+def test_subscribing_to_a_run_not_yet_created_waits_for_it(client: TestClient) -> None:
+    with open_dashboard(client) as dash:
+        greeting(dash)
+        dash.send_json({"type": "subscribe", "run": "run-1", "after": 0})
+        empty = dash.receive_json()
+        assert (empty["type"], empty["seq"], empty["series"]) == ("points", 0, {})
+        with open_trainer(client, SPEC) as trainer:
+            assert dash.receive_json()["type"] == "run"
+            log_batch(trainer, 1, 0)
+            assert steps(dash.receive_json()) == [0]
+
+
+def test_unsubscribed_runs_are_not_sent(client: TestClient) -> None:
+    with open_trainer(client) as trainer, open_dashboard(client) as dash:
+        greeting(dash)
+        dash.send_json({"type": "subscribe", "run": "run-1", "after": 0})
+        dash.receive_json()
+        dash.send_json({"type": "unsubscribe", "run": "run-1"})
+        log_batch(trainer, 1, 0)
+        # An error reply proves the unsubscribe was handled and no points came first.
+        dash.send_json({"type": "nonsense"})
+        assert dash.receive_json()["type"] == "error"
+
+
+def test_bad_dashboard_messages_get_an_error_and_the_connection_stays(client: TestClient) -> None:
+    with open_trainer(client) as trainer, open_dashboard(client) as dash:
+        greeting(dash)
+        dash.send_text("{not json")
+        error = dash.receive_json()
+        assert error["type"] == "error" and "bad dashboard message" in error["message"]
+        dash.send_bytes(b"\x00")
+        assert dash.receive_json() == {
+            "type": "error",
+            "message": "dashboard frames must be JSON text",
+        }
+        dash.send_json({"type": "subscribe", "run": "run-1", "after": 0})
+        assert dash.receive_json()["type"] == "points"
+        log_batch(trainer, 1, 5)
+        assert steps(dash.receive_json()) == [5]

@@ -1,0 +1,110 @@
+"""DashboardFeed on its own: fake storage, a recording socket, no server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from trainwire.protocol.columns import series_from_rows
+from trainwire.protocol.messages import Points, RunInfo, Series, Subscribe, encode_json
+from trainwire.server.bus import PointsCommitted, RunChanged
+from trainwire.server.fanout import DashboardFeed
+
+
+class History:
+    """Stands in for storage: batch seq -> steps, each step one point of key "x"."""
+
+    def __init__(self) -> None:
+        self.batches: dict[int, list[int]] = {}
+
+    def commit(self, seq: int, *steps: int) -> PointsCommitted:
+        prev = max(self.batches, default=0)
+        self.batches[seq] = list(steps)
+        rows = [(s, 0.0, {"x": float(s)}) for s in steps]
+        frame = encode_json(Points(run="r", seq=seq, series=series_from_rows(rows)))
+        return PointsCommitted("r", prev, seq, frame)
+
+    async def read(self, run_id: str, after: int) -> tuple[int, dict[str, Series]]:
+        rows = [
+            (s, 0.0, {"x": float(s)}) for q, ss in self.batches.items() if q > after for s in ss
+        ]
+        return max(self.batches, default=0), series_from_rows(rows)
+
+
+class Browser:
+    def __init__(self) -> None:
+        self.frames: list[dict[str, Any]] = []
+
+    async def send(self, frame: bytes) -> None:
+        self.frames.append(json.loads(frame))
+
+    def steps(self) -> list[int]:
+        return [
+            s
+            for f in self.frames
+            if f["type"] == "points"
+            for s in f["series"].get("x", {}).get("step", [])
+        ]
+
+
+def test_a_dashboard_that_falls_behind_is_caught_up_from_storage_losing_nothing() -> None:
+    async def scenario() -> None:
+        history, browser = History(), Browser()
+        feed = DashboardFeed(history.read, browser.send, max_queued=3)
+        feed.command(Subscribe("r", 0))
+        await feed.pump()
+        # The browser reads nothing while ten batches arrive: the queue overflows.
+        for seq in range(1, 11):
+            feed.on_event(history.commit(seq, seq * 10))
+        assert feed.overflows >= 1
+        await feed.pump()
+        assert browser.steps() == [seq * 10 for seq in range(1, 11)]
+        feed.on_event(history.commit(11, 110))
+        await feed.pump()
+        assert browser.steps()[-1] == 110 and len(browser.steps()) == 11
+
+    asyncio.run(scenario())
+
+
+def test_live_events_already_covered_by_the_snapshot_are_not_sent_twice() -> None:
+    async def scenario() -> None:
+        history, browser = History(), Browser()
+        feed = DashboardFeed(history.read, browser.send)
+        event = history.commit(1, 0)
+        feed.command(Subscribe("r", 0))
+        feed.on_event(event)  # ignored: not subscribed until the command is pumped
+        await feed.pump()
+        feed.on_event(event)  # published late, after the snapshot already held it
+        feed.on_event(history.commit(2, 1))
+        await feed.pump()
+        assert browser.steps() == [0, 1]
+        assert [f["seq"] for f in browser.frames] == [1, 2]
+
+    asyncio.run(scenario())
+
+
+def test_an_event_that_does_not_follow_the_last_one_sent_triggers_a_catch_up() -> None:
+    async def scenario() -> None:
+        history, browser = History(), Browser()
+        feed = DashboardFeed(history.read, browser.send)
+        feed.command(Subscribe("r", 0))
+        await feed.pump()
+        history.commit(1, 0)  # committed, but its event never reached this feed
+        feed.on_event(history.commit(2, 1))
+        await feed.pump()
+        assert browser.steps() == [0, 1]
+
+    asyncio.run(scenario())
+
+
+def test_run_updates_are_coalesced_to_the_latest_state() -> None:
+    async def scenario() -> None:
+        browser = Browser()
+        feed = DashboardFeed(History().read, browser.send)
+        for status in ("running", "finished"):
+            feed.on_event(RunChanged(RunInfo("r", "p", "n", status, 1.0, 2.0, {})))
+        await feed.pump()
+        assert [(f["type"], f["run"]["status"]) for f in browser.frames] == [("run", "finished")]
+
+    asyncio.run(scenario())
