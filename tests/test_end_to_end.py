@@ -112,3 +112,23 @@ def test_module_level_log_follows_the_last_init(live_server: LiveServer) -> None
     trainwire.log({"y": 1.0})
     trainwire.finish()
     assert live_server.store.metrics(run.id)[1]["y"].value == [1.0]
+
+
+def test_logged_objects_are_converted_and_released_while_the_server_is_unreachable() -> None:
+    """A loss tensor keeps its autograd graph alive until converted: the sender must not
+    hold it for the length of a reconnect backoff."""
+    import threading
+
+    converted = threading.Event()
+
+    class Probe:
+        def item(self) -> float:
+            converted.set()
+            return 1.0
+
+    run = trainwire.init(project="e2e", url=f"http://127.0.0.1:{unused_port()}")
+    for step in range(3):  # the first connection attempts fail meanwhile
+        run.log({"x": 0.0}, step=step)
+    run.log({"x": Probe()})
+    assert converted.wait(5000 * MS)
+    run.finish(timeout=100 * MS)

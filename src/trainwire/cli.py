@@ -32,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port-fallback", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
 
+    stop = commands.add_parser("stop", help="stop the server of a data directory")
+    stop.add_argument(
+        "--data", type=Path, default=env.data_dir, help="data directory (default %(default)s)"
+    )
+
     demo = commands.add_parser("demo", help="train a small CNN on the digits data, live")
     demo.add_argument("--epochs", type=int, default=None, help="epochs (default: about a minute)")
     demo.add_argument("--url", default=None, help="server URL (default: TRAINWIRE_URL or local)")
@@ -46,6 +51,14 @@ def main(argv: list[str] | None = None) -> int:
 
             settings = Settings(host=args.host, port=args.port, data_dir=args.data)
             run_server(settings, port_fallback=args.port_fallback, ready_fd=args.ready_fd)
+            return 0
+        if args.command == "stop":
+            from trainwire.server.runner import stop as stop_server
+
+            url = stop_server(args.data)
+            print(
+                f"stopped the trainwire server at {url}" if url else "no trainwire server running"
+            )
             return 0
         if args.command == "demo":
             from trainwire.demo import run_demo

@@ -2,43 +2,23 @@
 
 from __future__ import annotations
 
-import json
-import os
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import trainwire
+from trainwire.cli import main
 from trainwire.client.local import ensure_local_server, is_trainwire, read_discovery
-from trainwire.server.runner import AlreadyServing, serve
+from trainwire.server.runner import AlreadyServing, serve, stop
 from trainwire.settings import Settings
-
-
-def stop_server(data_dir: Path) -> None:
-    info = json.loads((data_dir / "server.json").read_text())
-    os.kill(info["pid"], signal.SIGTERM)
-    # Waiting on the process: it is not our child (it has its own session), so poll
-    # its pid with signal 0 until it is gone, bounded by the server's own shutdown.
-    import time
-
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            os.kill(info["pid"], 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    raise AssertionError("local server did not stop")
 
 
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Iterator[Path]:
     path = tmp_path / "user-data"
     yield path
-    if (path / "server.json").exists():
-        stop_server(path)
+    stop(path)
 
 
 def test_a_local_server_is_started_once_and_reused(data_dir: Path) -> None:
@@ -64,3 +44,15 @@ def test_init_without_a_url_starts_the_local_server_that_outlives_the_run(
     second = trainwire.init(project="local", name="again")
     second.finish()
     assert second.server_url == run.server_url
+
+
+def test_trainwire_stop_stops_the_server_of_a_data_directory(
+    data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = ensure_local_server(data_dir, port=0)
+    assert main(["stop", "--data", str(data_dir)]) == 0
+    assert capsys.readouterr().out.strip() == f"stopped the trainwire server at {url}"
+    assert not is_trainwire(url, timeout=1.0)
+    assert read_discovery(data_dir) is None
+    assert main(["stop", "--data", str(data_dir)]) == 0
+    assert capsys.readouterr().out.strip() == "no trainwire server running"

@@ -65,6 +65,7 @@ class Sender(threading.Thread):
         self.dropped_rows = 0
         self.dropped_values = 0
         self._closing = threading.Event()
+        self._wake = threading.Event()
         self._finish_status: FinishStatus = "finished"
         self._deadline = float("inf")
         self._warned: set[str] = set()
@@ -75,6 +76,7 @@ class Sender(threading.Thread):
         self._finish_status = status
         self._deadline = time.monotonic() + timeout
         self._closing.set()
+        self._wake.set()
 
     def run(self) -> None:
         while not self._finished():
@@ -90,8 +92,18 @@ class Sender(threading.Thread):
             except Exception:  # the one place errors stop: training must never see them
                 self.session.connection_lost()
                 logger.exception("trainwire sender error; retrying")
-            # Event.wait, not sleep: close() wakes a waiting sender at once.
-            self._closing.wait(min(self._backoff.next_delay(random.random), self._time_left()))
+            self._wait_to_retry(self._backoff.next_delay(random.random))
+
+    def _wait_to_retry(self, delay: float) -> None:
+        # Keep draining while waiting: the queue holds the user's objects (a loss
+        # tensor keeps its autograd graph alive) until they are converted to floats.
+        # Event.wait, not sleep: close() wakes a waiting sender at once.
+        until = time.monotonic() + min(delay, self._time_left())
+        while (left := until - time.monotonic()) > 0:
+            if self._wake.wait(min(left, self.flush_interval)):
+                self._wake.clear()  # woken once by close(); later waits back off again
+                return
+            self._drain()
 
     def _connect_and_pump(self) -> None:
         self._drain()

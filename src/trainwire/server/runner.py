@@ -8,7 +8,10 @@ import fcntl
 import json
 import logging
 import os
+import signal
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Final
@@ -21,7 +24,7 @@ from trainwire.exceptions import ConfigError
 from trainwire.server.app import create_app
 from trainwire.settings import Settings
 
-__all__ = ["AlreadyServing", "bind", "serve", "server_url", "uvicorn_config"]
+__all__ = ["AlreadyServing", "bind", "serve", "server_url", "stop", "uvicorn_config"]
 
 logger = logging.getLogger("trainwire.server")
 
@@ -112,7 +115,8 @@ def serve(settings: Settings, *, port_fallback: bool = False, ready_fd: int | No
             ready_fd = None
             try:
                 server = uvicorn.Server(uvicorn_config(create_app(settings), settings))
-                server.run(sockets=[sock])
+                with _sigterm_unwinds():
+                    server.run(sockets=[sock])
             finally:
                 with contextlib.suppress(OSError):
                     discovery.unlink()
@@ -140,6 +144,24 @@ def uvicorn_config(app: ASGIApp, settings: Settings) -> uvicorn.Config:
     )
 
 
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again for the
+    # previous handler; with the default one the process would die there, skipping
+    # our cleanup (server.json, the lock). Unwind with SystemExit instead.
+    def unwind(signum: int, frame: object) -> None:
+        raise SystemExit(0)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, unwind)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _signal_ready(fd: int | None, url: str) -> None:
     if fd is None:
         return
@@ -147,3 +169,40 @@ def _signal_ready(fd: int | None, url: str) -> None:
         os.write(fd, url.encode())
     finally:
         os.close(fd)
+
+
+def stop(data_dir: Path, timeout: float = 10.0) -> str | None:
+    """Stop the server holding ``data_dir``, as SIGTERM does: it finishes what it is
+    doing first.
+
+    Returns:
+        the URL it served, or None if no server holds ``data_dir``.
+
+    Raises:
+        ConfigError: it did not stop within ``timeout`` seconds.
+    """
+    try:
+        info = json.loads((data_dir / DISCOVERY_FILE).read_text())
+        pid, url = int(info["pid"]), str(info["url"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    # The lock is held exactly as long as the server process lives: never signal a
+    # pid from a stale server.json, which may belong to another process by now.
+    with open(data_dir / LOCK_FILE, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return None
+        except BlockingIOError:
+            pass
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return url
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ConfigError(
+                        f"the server (pid {pid}) did not stop in {timeout:g} s"
+                    ) from None
+                time.sleep(0.05)
