@@ -120,7 +120,7 @@ def run_demo(epochs: int | None = None, url: str | None = None) -> int:
     elif url is None and not os.environ.get("TRAINWIRE_URL"):
         print(
             "The run stays viewable there: the local trainwire server keeps running "
-            "in the background."
+            "in the background (`trainwire stop` ends it)."
         )
     else:
         print("The run stays viewable there.")
