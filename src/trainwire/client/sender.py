@@ -32,6 +32,10 @@ logger = logging.getLogger("trainwire.client")
 LoggedRow = tuple[int, float, dict[str, Any]]
 
 _OPEN_TIMEOUT: Final = 5.0
+# A connection that stops answering (a cable pulled, a NAT entry gone, a blackholing
+# firewall) is noticed within PING_INTERVAL + PING_TIMEOUT seconds and replaced.
+PING_INTERVAL: Final = 2.0
+PING_TIMEOUT: Final = 4.0
 
 
 class Sender(threading.Thread):
@@ -107,7 +111,15 @@ class Sender(threading.Thread):
 
     def _connect_and_pump(self) -> None:
         self._drain()
-        with connect(self.url, open_timeout=_OPEN_TIMEOUT, max_size=None, compression=None) as ws:
+        with connect(
+            self.url,
+            open_timeout=_OPEN_TIMEOUT,
+            ping_interval=PING_INTERVAL,
+            ping_timeout=PING_TIMEOUT,
+            close_timeout=PING_TIMEOUT,
+            max_size=None,
+            compression=None,
+        ) as ws:
             self._pump(ws)
 
     def _pump(self, ws: ClientConnection) -> None:

@@ -137,6 +137,9 @@ def uvicorn_config(app: ASGIApp, settings: Settings) -> uvicorn.Config:
         app,
         ws="websockets-sansio",
         ws_max_size=settings.max_frame_bytes,
+        # Dead trainer and dashboard connections are dropped within 15 s.
+        ws_ping_interval=5.0,
+        ws_ping_timeout=10.0,
         lifespan="on",
         log_config=None,
         access_log=False,
