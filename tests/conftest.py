@@ -20,6 +20,25 @@ from trainwire.storage import SQLiteStore
 MS = 0.001 * float(os.environ.get("TRAINWIRE_TESTS_TIMEOUT_FACTOR", "1"))
 
 
+@pytest.fixture(autouse=True)
+def isolated_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own client data directory, and no ambient trainwire or
+    launcher settings from the developer's shell."""
+    for variable in (
+        "TRAINWIRE_URL",
+        "TRAINWIRE_MODE",
+        "TRAINWIRE_RUN_ID",
+        "TRAINWIRE_PORT",
+        "RANK",
+        "TORCHELASTIC_RUN_ID",
+        "SLURM_JOB_ID",
+    ):
+        monkeypatch.delenv(variable, raising=False)
+    data = tmp_path / "client-data"
+    monkeypatch.setenv("TRAINWIRE_DATA", str(data))
+    return data
+
+
 @dataclass
 class LiveServer:
     """A real trainwire server (uvicorn, real sockets) on a free port.
@@ -30,13 +49,16 @@ class LiveServer:
 
     data_dir: Path
     port: int = 0
+    heartbeat_timeout: float = 60.0
     url: str = ""
     store: SQLiteStore = field(init=False)
     _server: uvicorn.Server | None = None
     _thread: threading.Thread | None = None
 
     def start(self) -> None:
-        settings = Settings(port=self.port, data_dir=self.data_dir)
+        settings = Settings(
+            port=self.port, data_dir=self.data_dir, heartbeat_timeout=self.heartbeat_timeout
+        )
         self.store = SQLiteStore(settings.db_path)
         # Bound here, before the thread starts: the port is known at once, and
         # connections made before uvicorn is ready wait in the backlog.

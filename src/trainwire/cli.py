@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
         "--data", type=Path, default=env.data_dir, help="data directory (default %(default)s)"
     )
 
+    sync = commands.add_parser("sync", help="upload run files written offline")
+    sync.add_argument("path", type=Path, help="a .twrun file, or a folder of them")
+    sync.add_argument("--url", default=None, help="server URL (default: TRAINWIRE_URL or local)")
+    sync.add_argument("--timeout", type=float, default=60.0, help="seconds per file")
+
     demo = commands.add_parser("demo", help="train a small CNN on the digits data, live")
     demo.add_argument("--epochs", type=int, default=None, help="epochs (default: about a minute)")
     demo.add_argument("--url", default=None, help="server URL (default: TRAINWIRE_URL or local)")
@@ -60,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"stopped the trainwire server at {url}" if url else "no trainwire server running"
             )
             return 0
+        if args.command == "sync":
+            return _sync(args.path, args.url, args.timeout, env)
         if args.command == "demo":
             from trainwire.demo import run_demo
 
@@ -71,3 +78,22 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     parser.error(f"unknown command {args.command}")
     return 2  # parser.error exits; mypy does not know that
+
+
+def _sync(path: Path, url: str | None, timeout: float, env: Settings) -> int:
+    import os
+
+    from trainwire.client.local import ensure_local_server
+    from trainwire.client.sync import run_files, upload
+
+    files = run_files(path)
+    if not files:
+        print(f"trainwire: no run files under {path}", file=sys.stderr)
+        return 1
+    server = url or os.environ.get("TRAINWIRE_URL") or ensure_local_server(env.data_dir, env.port)
+    failed = 0
+    for file in files:
+        run_id, rows, complete = upload(file, server, timeout)
+        print(f"{file}: run {run_id}, {rows} rows: {'stored' if complete else 'NOT confirmed'}")
+        failed += not complete
+    return 1 if failed else 0

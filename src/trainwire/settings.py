@@ -38,6 +38,8 @@ class Settings:
         max_frame_bytes: the largest WebSocket frame accepted from a trainer.
         dashboard_queue: live events held per dashboard before it is caught up
             from storage instead.
+        heartbeat_timeout: a running run with no trainer connected for this many
+            seconds is marked ``crashed``.
     """
 
     host: str = DEFAULT_HOST
@@ -45,6 +47,7 @@ class Settings:
     data_dir: Path = field(default_factory=default_data_dir)
     max_frame_bytes: int = 16 * 1024 * 1024
     dashboard_queue: int = 1024
+    heartbeat_timeout: float = 60.0
 
     @property
     def db_path(self) -> Path:

@@ -15,6 +15,7 @@ from trainwire.protocol.messages import (
     RunSpec,
     Welcome,
 )
+from trainwire.protocol.outbox import MemoryOutbox
 from trainwire.protocol.session import ClientSession, ConnectionState, ServerSession
 
 SPEC = RunSpec(id="r1", project="p", name="n", config={"lr": 0.1})
@@ -75,10 +76,46 @@ def test_client_drops_what_the_welcome_says_is_stored() -> None:
     assert [b.seq for b in decode(client.frames_to_send())] == [2, 3]  # type: ignore[attr-defined]
 
 
-def test_client_resuming_a_run_continues_its_numbering() -> None:
-    client = open_client(last_seq=41)
-    client.add_rows([(0, 0.0, {"x": 0.0})])
-    assert [b.seq for b in decode(client.frames_to_send())] == [42]  # type: ignore[attr-defined]
+def test_a_session_over_a_stored_outbox_sends_its_items_then_continues_numbering() -> None:
+    outbox = MemoryOutbox()
+    for seq in (5, 6):
+        outbox.append(Batch(seq=seq, rows=[(seq, 0.0, {"x": 1.0})]))
+    client = ClientSession(SPEC, stream="s1", outbox=outbox, next_seq=7)
+    assert client.acked_seq == 4
+    client.connection_made()
+    client.receive_frame(enc(Welcome(v=PROTOCOL_VERSION, run_id="r1", last_seq=5)))
+    client.add_rows([(7, 0.0, {"x": 1.0})])
+    assert [b.seq for b in decode(client.frames_to_send())] == [6, 7]  # type: ignore[attr-defined]
+
+
+def test_rows_are_cut_into_batches_while_disconnected_and_sent_once_welcomed() -> None:
+    client = ClientSession(SPEC, rows_per_batch=1)
+    client.add_rows([(i, 0.0, {"x": 1.0}) for i in range(3)])
+    client.cut_batches()
+    assert len(client.outbox) == 3 and client.frames_to_send() == []
+    client.connection_made()
+    client.receive_frame(enc(Welcome(v=PROTOCOL_VERSION, run_id="r1", last_seq=0)))
+    assert [b.seq for b in decode(client.frames_to_send())] == [1, 2, 3]  # type: ignore[attr-defined]
+
+
+def test_at_most_a_window_of_items_is_in_flight() -> None:
+    client = open_client(rows_per_batch=1, window=2)
+    client.add_rows([(i, 0.0, {"x": 1.0}) for i in range(5)])
+    assert [b.seq for b in decode(client.frames_to_send())] == [1, 2]  # type: ignore[attr-defined]
+    assert client.frames_to_send() == []
+    client.receive_frame(enc(Ack(seq=1)))
+    assert [b.seq for b in decode(client.frames_to_send())] == [3]  # type: ignore[attr-defined]
+    client.receive_frame(enc(Ack(seq=3)))
+    assert [b.seq for b in decode(client.frames_to_send())] == [4, 5]  # type: ignore[attr-defined]
+    client.receive_frame(enc(Ack(seq=5)))
+    assert client.delivered and client.pending_rows == 0
+
+
+def test_hello_names_the_stream_and_rank() -> None:
+    hello = msgspec.msgpack.decode(
+        ClientSession(SPEC, stream="abc", rank=3).connection_made(), type=Hello
+    )
+    assert (hello.stream, hello.rank) == ("abc", 3)
 
 
 def test_finish_is_sequenced_after_every_row_and_done_once_acked() -> None:
@@ -88,7 +125,7 @@ def test_finish_is_sequenced_after_every_row_and_done_once_acked() -> None:
     client.finish()
     frames = decode(client.frames_to_send())
     assert frames == [Batch(seq=1, rows=[(0, 0.0, {"x": 0.0})]), Finish(seq=2)]
-    assert not client.done
+    assert not client.done and client.finishing
     client.receive_frame(enc(Ack(seq=2)))
     assert client.done and client.pending_rows == 0
     with pytest.raises(ProtocolError):
@@ -119,7 +156,7 @@ def test_server_welcomes_then_acks_after_commit_only() -> None:
     message = server.receive_frame(enc(Hello(v=PROTOCOL_VERSION, run=SPEC)))
     assert message == Hello(v=PROTOCOL_VERSION, run=SPEC)
     assert server.frames_to_send() == []
-    server.run_opened(SPEC, last_seq=0)
+    server.run_opened(Hello(v=PROTOCOL_VERSION, run=SPEC), last_seq=0)
     assert decode(server.frames_to_send()) == [Welcome(v=PROTOCOL_VERSION, run_id="r1", last_seq=0)]
     batch = Batch(seq=1, rows=[(0, 1.0, {"loss": math.inf})])
     assert server.receive_frame(enc(batch)) == batch
@@ -131,7 +168,7 @@ def test_server_welcomes_then_acks_after_commit_only() -> None:
 def test_server_acks_a_duplicate_without_asking_to_store_it() -> None:
     server = ServerSession()
     server.receive_frame(enc(Hello(v=PROTOCOL_VERSION, run=SPEC)))
-    server.run_opened(SPEC, last_seq=3)
+    server.run_opened(Hello(v=PROTOCOL_VERSION, run=SPEC), last_seq=3)
     server.frames_to_send()
     assert server.receive_frame(enc(Batch(seq=2, rows=[]))) is None
     assert decode(server.frames_to_send()) == [Ack(seq=2)]
@@ -159,7 +196,7 @@ def test_server_refuses_bad_frames_with_a_close_code_and_reason(
 def test_server_refuses_a_non_numeric_value_naming_where_it_is() -> None:
     server = ServerSession()
     server.receive_frame(enc(Hello(v=PROTOCOL_VERSION, run=SPEC)))
-    server.run_opened(SPEC, 0)
+    server.run_opened(Hello(v=PROTOCOL_VERSION, run=SPEC), 0)
     bad = enc({"type": "batch", "seq": 1, "rows": [[0, 0.0, {"loss": "high"}]]})
     with pytest.raises(ProtocolError, match=r"Expected `float`, got `str` - at `\$.rows\[0\]"):
         server.receive_frame(bad)
@@ -168,7 +205,7 @@ def test_server_refuses_a_non_numeric_value_naming_where_it_is() -> None:
 def test_server_refuses_a_second_hello_and_seq_zero() -> None:
     server = ServerSession()
     server.receive_frame(enc(Hello(v=PROTOCOL_VERSION, run=SPEC)))
-    server.run_opened(SPEC, 0)
+    server.run_opened(Hello(v=PROTOCOL_VERSION, run=SPEC), 0)
     with pytest.raises(ProtocolError, match="hello sent twice"):
         server.receive_frame(enc(Hello(v=PROTOCOL_VERSION, run=SPEC)))
     with pytest.raises(ProtocolError, match="start at 1"):
@@ -190,7 +227,7 @@ def test_client_and_server_sessions_deliver_everything_exactly_once_across_drops
         server = ServerSession()
         hello = server.receive_frame(client.connection_made())
         assert isinstance(hello, Hello)
-        server.run_opened(hello.run, last_seq)
+        server.run_opened(hello, last_seq)
         for frame in server.frames_to_send():
             client.receive_frame(frame)
         frames = client.frames_to_send()
@@ -208,7 +245,7 @@ def test_client_and_server_sessions_deliver_everything_exactly_once_across_drops
     server = ServerSession()
     hello = server.receive_frame(client.connection_made())
     assert isinstance(hello, Hello)
-    server.run_opened(hello.run, last_seq)
+    server.run_opened(hello, last_seq)
     for frame in server.frames_to_send():
         client.receive_frame(frame)
     for frame in client.frames_to_send():

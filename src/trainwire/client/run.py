@@ -14,10 +14,12 @@ import platform
 import secrets
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Mapping
+from pathlib import Path
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, Literal
 from urllib.parse import quote, urlsplit
 
 import msgspec
@@ -25,6 +27,7 @@ import msgspec
 from trainwire import __version__
 from trainwire.client.local import ensure_local_server
 from trainwire.client.sender import LoggedRow, Sender
+from trainwire.client.spool import SpillingOutbox, new_header
 from trainwire.exceptions import ConfigError
 from trainwire.protocol.messages import FinishStatus, RunSpec
 from trainwire.protocol.session import ClientSession
@@ -35,53 +38,79 @@ __all__ = ["Run", "RunState", "finish", "init", "log"]
 logger = logging.getLogger("trainwire.client")
 
 DEFAULT_FINISH_TIMEOUT: Final = 30.0
+DEFAULT_MEMORY_ROWS: Final = 100_000
+DEFAULT_DISK_BYTES: Final = 1 << 30
 
 
 class RunState(enum.Enum):
     RUNNING = "running"
     FINISHED = "finished"
+    # A copy of the run in a process forked after init() (a DataLoader worker): it
+    # has no sender thread, and must neither write nor end the parent's run.
+    DETACHED = "detached"
 
 
 class Run:
-    """One training run, streaming to a trainwire server.
+    """One training run, streaming to a trainwire server (or to a file, offline).
 
     Made by :func:`trainwire.init`; use it as a context manager, or call
-    :meth:`finish` at the end.
+    :meth:`finish` at the end. ``log`` is safe to call from several threads.
 
     Attributes:
         id: the run's id, chosen here so that it is known before the server answers.
-        url: the dashboard page of this run.
+        url: the dashboard page of this run; None offline.
+        path: the run's file: the spill file online, the whole run offline.
     """
 
     def __init__(
         self,
         spec: RunSpec,
-        server_url: str,
+        server_url: str | None,
         *,
+        data_dir: Path,
+        rank: int | None = None,
         flush_interval: float = 0.02,
-        max_pending_rows: int = 1_000_000,
+        max_memory_rows: int = DEFAULT_MEMORY_ROWS,
+        max_disk_bytes: int = DEFAULT_DISK_BYTES,
+        enabled: bool = True,
     ) -> None:
         self.id = spec.id
         self.project = spec.project
         self.name = spec.name
         self.config = spec.config
-        self.server_url = server_url.rstrip("/")
-        self.url = f"{self.server_url}/?run={quote(self.id)}"
-        self.state = RunState.RUNNING
+        self.rank = rank
+        self.server_url = server_url.rstrip("/") if server_url else None
+        self.url = f"{self.server_url}/?run={quote(self.id)}" if self.server_url else None
+        self.state = RunState.RUNNING if enabled else RunState.DETACHED
         self._next_step = 0
         self._dropped_calls = 0
         self._warned_closed = False
         self._queue: deque[LoggedRow] = deque()
         self._lock = threading.Lock()
-        session = ClientSession(spec, client=f"trainwire-python/{__version__}")
+        # One stream per process and run: a resumed run or another rank numbers its
+        # batches apart from every other writer of the same run.
+        stream = secrets.token_hex(6)
+        self.path = data_dir / "runs" / spec.id / f"{stream}.twrun"
+        offline = server_url is None
+        outbox = SpillingOutbox(
+            self.path,
+            new_header(spec, stream, rank),
+            memory_rows=0 if offline else max_memory_rows,
+            disk_bytes=max_disk_bytes,
+            keep=offline,
+        )
+        session = ClientSession(
+            spec, stream=stream, rank=rank, outbox=outbox, client=f"trainwire-python/{__version__}"
+        )
         self._sender = Sender(
             session,
             self._queue,
-            _ingest_url(self.server_url),
+            _ingest_url(self.server_url) if self.server_url else None,
             flush_interval=flush_interval,
-            max_pending_rows=max_pending_rows,
         )
-        self._sender.start()
+        if enabled:
+            self._sender.start()
+            _live_runs.add(self)
 
     def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         """Record metrics at a step. Returns at once and never raises.
@@ -93,16 +122,17 @@ class Run:
         """
         try:
             if self.state is not RunState.RUNNING:
-                if not self._warned_closed:
+                if self.state is RunState.FINISHED and not self._warned_closed:
                     self._warned_closed = True
                     logger.warning("run %s is finished: log() calls are ignored", self.id)
                 return
             # A copy: the caller may reuse and mutate its dict after log() returns.
             values = dict(metrics)
-            if step is None:
-                step = self._next_step
-            self._next_step = step + 1
-            self._queue.append((step, time.time(), values))
+            with self._lock:  # several threads may log; steps must not collide
+                if step is None:
+                    step = self._next_step
+                self._next_step = step + 1
+                self._queue.append((step, time.time(), values))
         except Exception:  # the training loop's boundary: count, warn once, go on
             self._dropped_calls += 1
             if self._dropped_calls == 1:
@@ -111,39 +141,54 @@ class Run:
     def finish(
         self, timeout: float = DEFAULT_FINISH_TIMEOUT, *, status: FinishStatus = "finished"
     ) -> None:
-        """End the run: deliver what was logged, then mark the run finished.
+        """End the run: deliver what was logged, then mark the run ``status``.
 
-        Idempotent. Waits at most ``timeout`` seconds for the server to acknowledge.
+        Idempotent, and never raises. Waits at most ``timeout`` seconds for the
+        server to acknowledge; what is left undelivered stays in :attr:`path`, for
+        ``trainwire sync``.
         """
         with self._lock:
-            if self.state is RunState.FINISHED:
+            if self.state is not RunState.RUNNING:
                 return
             self.state = RunState.FINISHED
+        _live_runs.discard(self)
         try:
             self._sender.close(status, timeout)
             self._sender.join(timeout + 1.0)
-            left = self._sender.session.pending_rows + len(self._queue)
-            if not self._sender.session.done:
-                logger.warning(
-                    "trainwire: run %s not confirmed by %s within %g s; %d rows undelivered",
-                    self.id,
-                    self.server_url,
-                    timeout,
-                    left,
-                )
-            if self._sender.dropped_rows:
-                logger.warning(
-                    "trainwire: %d rows of run %s were dropped while the server was unreachable",
-                    self._sender.dropped_rows,
-                    self.id,
-                )
+            self._report()
         except Exception:  # finish() is called from the training script: never raise
             logger.warning("trainwire could not finish run %s cleanly", self.id, exc_info=True)
+
+    def _report(self) -> None:
+        sender = self._sender
+        if self.server_url is None:
+            logger.info(
+                "trainwire: offline run %s written to %s; upload it with: trainwire sync %s",
+                self.id, self.path, self.path,
+            )  # fmt: skip
+        elif not sender.complete:
+            left = sender.session.pending_rows + len(self._queue)
+            kept = ""
+            if self.path.exists():
+                kept = f" (kept in {self.path}: trainwire sync uploads them)"
+            logger.warning(
+                "trainwire: run %s not confirmed by %s within the timeout; %d rows undelivered%s",
+                self.id, self.server_url, left, kept,
+            )  # fmt: skip
+        if sender.dropped_rows:
+            logger.warning(
+                "trainwire: %d rows of run %s were dropped (bounds reached)",
+                sender.dropped_rows, self.id,
+            )  # fmt: skip
 
     @property
     def delivered(self) -> bool:
         """True once the server has stored everything, including the run's end."""
-        return self._sender.session.done
+        return self.server_url is not None and self._sender.complete
+
+    def _detach(self) -> None:
+        self.state = RunState.DETACHED
+        self._lock = threading.Lock()  # the parent's may have been held at fork time
 
     def __enter__(self) -> Run:
         return self
@@ -158,6 +203,18 @@ class Run:
 
     def __repr__(self) -> str:
         return f"<Run {self.id} {self.project}/{self.name} {self.state.value}>"
+
+
+_live_runs: weakref.WeakSet[Run] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for run in list(_live_runs):
+        run._detach()
+    _live_runs.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _ingest_url(server_url: str) -> str:
@@ -181,6 +238,21 @@ def _new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
 
 
+def _env_rank() -> int | None:
+    # torchrun, torch.distributed.launch and most launchers set RANK.
+    rank = os.environ.get("RANK")
+    return int(rank) if rank is not None and rank.isdigit() else None
+
+
+def _shared_run_id() -> str | None:
+    # What every rank of one job sees alike, when the user gave no id.
+    for variable in ("TRAINWIRE_RUN_ID", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID"):
+        value = os.environ.get(variable)
+        if value and value != "none":
+            return value
+    return None
+
+
 _current: Run | None = None
 
 
@@ -189,8 +261,15 @@ def init(
     name: str | None = None,
     config: Mapping[str, Any] | None = None,
     *,
+    id: str | None = None,  # noqa: A002 - the name users know from wandb
+    resume: str | None = None,
+    mode: Literal["online", "offline"] | None = None,
+    ranks: Literal["zero", "all"] = "zero",
+    rank: int | None = None,
     url: str | None = None,
     flush_interval: float = 0.02,
+    max_memory_rows: int = DEFAULT_MEMORY_ROWS,
+    max_disk_bytes: int = DEFAULT_DISK_BYTES,
 ) -> Run:
     """Start a run and its background sender.
 
@@ -198,31 +277,70 @@ def init(
         project: groups runs in the dashboard.
         name: the run's display name; a generated one if omitted.
         config: hyper-parameters, shown with the run.
+        id: the run's id; a new one if omitted (``TRAINWIRE_RUN_ID`` also sets it).
+        resume: the id of a run to continue, after a restart of the training script.
+        mode: ``"online"`` streams to a server; ``"offline"`` writes only the run's
+            file, for ``trainwire sync`` later. Default: ``TRAINWIRE_MODE``, else online.
+        ranks: in a distributed job, ``"zero"`` logs from rank 0 alone (other ranks
+            get a run whose ``log`` does nothing); ``"all"`` logs every rank into one
+            run, its keys under ``rank{N}/``, with the id shared through ``id``,
+            ``TRAINWIRE_RUN_ID``, ``TORCHELASTIC_RUN_ID`` or ``SLURM_JOB_ID``.
+        rank: this process's rank; default ``RANK`` from the environment.
         url: the server, ``http(s)://host:port``; else ``TRAINWIRE_URL``; else the
             user's local server, started in the background if none answers.
         flush_interval: the longest a logged point waits before it is sent.
+        max_memory_rows: rows held in memory while the server is unreachable,
+            before spilling to the run's file.
+        max_disk_bytes: the run file's bound; past it new points are dropped and counted.
 
     Returns:
         the run; also the target of :func:`trainwire.log` and :func:`trainwire.finish`.
 
     Raises:
-        ConfigError: ``url`` is not an http(s) URL.
-        TransientError: no local server could be started (only when none is given).
+        ConfigError: a bad ``url``, ``mode`` or ``ranks``, or ``ranks="all"`` without
+            a shared run id.
+        TransientError: no local server could be started (only when no url is given).
     """
     global _current
-    run_id = _new_run_id()
+    mode = mode or os.environ.get("TRAINWIRE_MODE", "online")  # type: ignore[assignment]
+    if mode not in ("online", "offline"):
+        raise ConfigError(f"mode must be 'online' or 'offline', not {mode!r}")
+    if ranks not in ("zero", "all"):
+        raise ConfigError(f"ranks must be 'zero' or 'all', not {ranks!r}")
+    rank = _env_rank() if rank is None else rank
+    run_id = resume or id or os.environ.get("TRAINWIRE_RUN_ID")
+    if ranks == "all" and rank is not None:
+        run_id = run_id or _shared_run_id()
+        if run_id is None:
+            raise ConfigError(
+                "ranks='all' needs one run id for every rank: pass id=..., or set "
+                "TRAINWIRE_RUN_ID in the job's environment"
+            )
+    run_id = run_id or _new_run_id()
     spec = RunSpec(
         id=run_id,
         project=project,
         name=name or f"{platform.node()}-{run_id}",
         config=_plain_config(config),
     )
-    server = url or os.environ.get("TRAINWIRE_URL")
-    if not server:
-        port = int(os.environ.get("TRAINWIRE_PORT", DEFAULT_PORT))
-        server = ensure_local_server(default_data_dir(), port=port)
-    _ingest_url(server)  # validate before starting a thread
-    run = Run(spec, server, flush_interval=flush_interval)
+    data_dir = default_data_dir()
+    options: dict[str, Any] = {
+        "data_dir": data_dir,
+        "flush_interval": flush_interval,
+        "max_memory_rows": max_memory_rows,
+        "max_disk_bytes": max_disk_bytes,
+    }
+    if ranks == "zero" and rank not in (None, 0):
+        run = Run(spec, None, enabled=False, rank=rank, **options)
+    elif mode == "offline":
+        run = Run(spec, None, rank=rank if ranks == "all" else None, **options)
+    else:
+        server = url or os.environ.get("TRAINWIRE_URL")
+        if not server:
+            port = int(os.environ.get("TRAINWIRE_PORT", DEFAULT_PORT))
+            server = ensure_local_server(data_dir, port=port)
+        _ingest_url(server)  # validate before starting a thread
+        run = Run(spec, server, rank=rank if ranks == "all" else None, **options)
     _current = run
     return run
 

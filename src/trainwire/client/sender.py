@@ -1,9 +1,9 @@
-"""The background thread that moves logged rows to the server.
+"""The background thread that moves logged rows to the server (or to a file).
 
 A thin shell around :class:`~trainwire.protocol.session.ClientSession`: it drains
 the run's queue, pumps the session, and talks to the server with the
-``websockets`` sync client. All I/O of a run happens here, never on the
-training thread.
+``websockets`` sync client. All I/O of a run happens here, never on the training
+thread.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any, Final
 from websockets.exceptions import WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
+from trainwire.client.spool import SpillingOutbox
 from trainwire.client.values import to_float
 from trainwire.exceptions import ProtocolError
 from trainwire.protocol.batching import Backoff
@@ -44,54 +45,79 @@ class Sender(threading.Thread):
     Args:
         session: the protocol state; only this thread touches it once started.
         queue: rows appended by ``Run.log`` (``deque.append`` is thread-safe).
-        url: the server's ingest endpoint, ``ws://host:port/ws/ingest``.
+        url: the server's ingest endpoint, ``ws://host:port/ws/ingest``; None in
+            offline mode, where every item goes to the session's file outbox.
         flush_interval: the longest a row waits before it is sent; the thread wakes
             this often, never once per ``log()`` call.
-        max_pending_rows: rows held while the server is unreachable; beyond it the
-            oldest are dropped, counted, and reported in one warning.
     """
 
     def __init__(
         self,
         session: ClientSession,
         queue: deque[LoggedRow],
-        url: str,
+        url: str | None,
         *,
         flush_interval: float = 0.02,
-        max_pending_rows: int = 1_000_000,
     ) -> None:
         super().__init__(name=f"trainwire-sender-{session.run.id}", daemon=True)
         self.session = session
         self.queue = queue
         self.url = url
         self.flush_interval = flush_interval
-        self.max_pending_rows = max_pending_rows
         self.dropped_rows = 0
         self.dropped_values = 0
         self._closing = threading.Event()
         self._wake = threading.Event()
-        self._finish_status: FinishStatus = "finished"
+        self._finish_status: FinishStatus | None = None
         self._deadline = float("inf")
         self._warned: set[str] = set()
         self._backoff = Backoff()
 
-    def close(self, status: FinishStatus, timeout: float) -> None:
-        """Finish the run, deliver what is left, and stop within ``timeout`` seconds."""
+    def close(self, status: FinishStatus | None, timeout: float) -> None:
+        """Deliver what is left, then stop, within ``timeout`` seconds.
+
+        Args:
+            status: end the run so (queued after every row); None delivers only.
+        """
         self._finish_status = status
         self._deadline = time.monotonic() + timeout
         self._closing.set()
         self._wake.set()
 
+    @property
+    def complete(self) -> bool:
+        """Everything asked of this sender is acknowledged by the server."""
+        if self._finish_status is not None:
+            return self.session.done
+        return self.session.delivered and not self.queue
+
     def run(self) -> None:
+        try:
+            if self.url is None:
+                self._write_offline()
+            else:
+                self._deliver(self.url)
+        finally:
+            outbox = self.session.outbox
+            if isinstance(outbox, SpillingOutbox):
+                outbox.close()
+
+    def _write_offline(self) -> None:
+        while not self._closing.is_set():
+            self._wake.wait(self.flush_interval)
+            self._drain()
+        self._drain()
+
+    def _deliver(self, url: str) -> None:
         while not self._finished():
             try:
-                self._connect_and_pump()
-                if self.session.done:
+                self._connect_and_pump(url)
+                if self._finished():
                     return
             except (OSError, TimeoutError, WebSocketException, ProtocolError) as exc:
                 self.session.connection_lost()
                 self._warn_once(
-                    "connect", "trainwire server %s unreachable (%s); retrying", self.url, exc
+                    "connect", "trainwire server %s unreachable (%s); retrying", url, exc
                 )
             except Exception:  # the one place errors stop: training must never see them
                 self.session.connection_lost()
@@ -100,7 +126,8 @@ class Sender(threading.Thread):
 
     def _wait_to_retry(self, delay: float) -> None:
         # Keep draining while waiting: the queue holds the user's objects (a loss
-        # tensor keeps its autograd graph alive) until they are converted to floats.
+        # tensor keeps its autograd graph alive) until they are converted to floats,
+        # and rows beyond the memory bound must reach the spill file.
         # Event.wait, not sleep: close() wakes a waiting sender at once.
         until = time.monotonic() + min(delay, self._time_left())
         while (left := until - time.monotonic()) > 0:
@@ -109,10 +136,10 @@ class Sender(threading.Thread):
                 return
             self._drain()
 
-    def _connect_and_pump(self) -> None:
+    def _connect_and_pump(self, url: str) -> None:
         self._drain()
         with connect(
-            self.url,
+            url,
             open_timeout=_OPEN_TIMEOUT,
             ping_interval=PING_INTERVAL,
             ping_timeout=PING_TIMEOUT,
@@ -128,7 +155,7 @@ class Sender(threading.Thread):
             self._drain()
             for frame in self.session.frames_to_send():
                 ws.send(frame)
-            if self.session.done or self._time_left() <= 0:
+            if self._finished():
                 return
             try:
                 data = ws.recv(timeout=self.flush_interval)
@@ -159,21 +186,43 @@ class Sender(threading.Thread):
             if values:
                 rows.append((step, at, values))
         if rows:
-            self.session.add_rows(rows)
-        excess = self.session.pending_rows - self.max_pending_rows
-        if excess > 0:
-            self.dropped_rows += self.session.drop_oldest_pending(excess)
-            self._warn_once(
-                "overflow",
-                "trainwire server unreachable and %d rows waiting: dropping the oldest "
-                "(max_pending_rows); the count is reported at finish()",
-                self.max_pending_rows,
-            )
-        if self._closing.is_set():
+            if self.session.finishing:
+                self.dropped_rows += len(rows)  # logged by another thread during finish()
+            else:
+                self.session.add_rows(rows)
+        if self._closing.is_set() and self._finish_status is not None:
             self.session.finish(self._finish_status)
+        self._cut()
+
+    def _cut(self) -> None:
+        outbox = self.session.outbox
+        if isinstance(outbox, SpillingOutbox):
+            if outbox.full:
+                self.dropped_rows += self.session.drop_oldest_pending(self.session.pending_rows)
+                self._warn_once(
+                    "full",
+                    "trainwire: the run file %s reached its bound (max_disk_bytes=%d): "
+                    "dropping new points; the count is reported at finish()",
+                    outbox.path,
+                    outbox.disk_bytes,
+                )
+            was_spilling = outbox.spilling
+            self.session.cut_batches()
+            if outbox.spilling and not was_spilling and not outbox.keep:
+                self._warn_once(
+                    "spill",
+                    "trainwire: server unreachable and %d rows held in memory: "
+                    "spilling to %s until it is back",
+                    outbox.memory_rows,
+                    outbox.path,
+                )
+        else:
+            self.session.cut_batches()
 
     def _finished(self) -> bool:
-        return self.session.done or (self._closing.is_set() and self._time_left() <= 0)
+        if not self._closing.is_set():
+            return False
+        return self.complete or self._time_left() <= 0
 
     def _time_left(self) -> float:
         return self._deadline - time.monotonic()

@@ -31,6 +31,7 @@ __all__ = [
     "RunStatus",
     "RunUpdate",
     "Runs",
+    "Sequenced",
     "Series",
     "ServerToTrainer",
     "Subscribe",
@@ -74,14 +75,29 @@ class RunSpec(msgspec.Struct, frozen=True):
 
 
 class Hello(msgspec.Struct, frozen=True, tag="hello", tag_field="type"):
+    """Opens (or re-opens) a run for one writer.
+
+    ``stream`` names this writer's sequence of batches: one per process and run,
+    made by the client, so a resumed run or another DDP rank starts a stream of its
+    own and never collides with the sequence numbers of another. ``rank`` is set
+    when the ranks of a distributed job log into one run: the server files their
+    keys under ``rank{N}/``.
+    """
+
     v: int
     run: RunSpec
+    stream: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] = "main"
+    rank: Annotated[int, msgspec.Meta(ge=0)] | None = None
     client: str = ""
 
 
 class Batch(msgspec.Struct, frozen=True, tag="batch", tag_field="type"):
     seq: int
     rows: list[Row]
+
+    @property
+    def row_count(self) -> int:
+        return len(self.rows)
 
 
 class Finish(msgspec.Struct, frozen=True, tag="finish", tag_field="type"):
@@ -90,13 +106,21 @@ class Finish(msgspec.Struct, frozen=True, tag="finish", tag_field="type"):
     seq: int
     status: FinishStatus = "finished"
 
+    @property
+    def row_count(self) -> int:
+        return 0
+
 
 TrainerToServer = Hello | Batch | Finish
+# What a client keeps until the server acknowledges it.
+Sequenced = Batch | Finish
 
 # -- server -> trainer (msgpack) ---------------------------------------------------
 
 
 class Welcome(msgspec.Struct, frozen=True, tag="welcome", tag_field="type"):
+    """``last_seq``: the highest seq of this stream already stored."""
+
     v: int
     run_id: str
     last_seq: int

@@ -28,6 +28,7 @@ from trainwire.protocol.messages import (
     TrainerToServer,
     Welcome,
 )
+from trainwire.protocol.outbox import MemoryOutbox, Outbox
 
 __all__ = ["ClientSession", "ConnectionState", "ServerSession"]
 
@@ -49,34 +50,56 @@ class ConnectionState(enum.Enum):
 class ClientSession:
     """Client side of the trainer protocol. Performs no I/O; the caller pumps it.
 
-    Rows handed to :meth:`add_rows` are cut into sequenced batches, and each batch
-    is kept until the server acknowledges it, across any number of reconnects.
+    Rows handed to :meth:`add_rows` are cut into sequenced batches (connected or
+    not) and kept in the outbox until the server acknowledges them, across any
+    number of reconnects. At most ``window`` items are in flight at once, so a long
+    backlog is read from the outbox a little at a time.
 
     Args:
         run: the run this session writes to.
+        stream: this writer's stream of sequence numbers (see :class:`Hello`).
+        rank: the writer's rank, when the ranks of a distributed job share the run.
+        outbox: where unacknowledged items are kept; a :class:`MemoryOutbox` if omitted.
+        next_seq: the first sequence number to use; a stream read back from a file
+            (its items already in ``outbox``) continues where the file ended.
         rows_per_batch: the most rows in one ``batch`` frame.
+        window: the most items sent and not yet acknowledged.
         client: a free-form client description sent in ``hello``.
     """
 
-    def __init__(self, run: RunSpec, *, rows_per_batch: int = 1000, client: str = "") -> None:
-        if rows_per_batch < 1:
-            raise ValueError("rows_per_batch must be at least 1")
+    def __init__(
+        self,
+        run: RunSpec,
+        *,
+        stream: str = "main",
+        rank: int | None = None,
+        outbox: Outbox | None = None,
+        next_seq: int = 1,
+        rows_per_batch: int = 1000,
+        window: int = 64,
+        client: str = "",
+    ) -> None:
+        if rows_per_batch < 1 or window < 1:
+            raise ValueError("rows_per_batch and window must be at least 1")
         self.run = run
+        self.stream = stream
+        self.rank = rank
+        self.outbox: Outbox = outbox if outbox is not None else MemoryOutbox()
         self.rows_per_batch = rows_per_batch
+        self.window = window
         self.client = client
         self.state = ConnectionState.DISCONNECTED
         self._pending: deque[Row] = deque()
-        self._unacked: deque[Batch | Finish] = deque()
-        self._unsent = 0  # how many of the newest unacked items are not on the wire yet
-        self._next_seq = 1
+        self._next_seq = next_seq
+        self.acked_seq = (self.outbox.first_seq or next_seq) - 1
+        self._sent_seq = self.acked_seq  # the last seq written on this connection
         self._finish_status: FinishStatus | None = None
-        self._finish_acked = False
-        self.acked_seq = 0
+        self._finish_seq: int | None = None
 
     # -- input from the training side ---------------------------------------------
 
     def add_rows(self, rows: Iterable[Row]) -> None:
-        """Queue rows for sending. Call :meth:`frames_to_send` afterwards."""
+        """Queue rows for sending. Call :meth:`cut_batches` or :meth:`frames_to_send`."""
         if self._finish_status is not None:
             raise ProtocolError("the run is finished", code=1008)
         self._pending.extend(rows)
@@ -86,17 +109,32 @@ class ClientSession:
         if self._finish_status is None:
             self._finish_status = status
 
+    def cut_batches(self) -> None:
+        """Number the queued rows into batches and move them to the outbox."""
+        while self._pending:
+            n = min(self.rows_per_batch, len(self._pending))
+            rows = [self._pending.popleft() for _ in range(n)]
+            self.outbox.append(Batch(seq=self._next_seq, rows=rows))
+            self._next_seq += 1
+        if self._finish_status is not None and self._finish_seq is None:
+            self._finish_seq = self._next_seq
+            self.outbox.append(Finish(seq=self._next_seq, status=self._finish_status))
+            self._next_seq += 1
+
     # -- input from the connection --------------------------------------------------
 
     def connection_made(self) -> bytes:
         """A connection is open: returns the ``hello`` frame to send first."""
         self.state = ConnectionState.AWAITING_WELCOME
-        return _encoder.encode(Hello(v=PROTOCOL_VERSION, run=self.run, client=self.client))
+        hello = Hello(
+            v=PROTOCOL_VERSION, run=self.run, stream=self.stream, rank=self.rank, client=self.client
+        )
+        return _encoder.encode(hello)
 
     def connection_lost(self) -> None:
         """The connection is gone: whatever was not acknowledged will be sent again."""
         self.state = ConnectionState.DISCONNECTED
-        self._unsent = len(self._unacked)
+        self._sent_seq = self.acked_seq
 
     def receive_frame(self, data: bytes) -> ServerToTrainer:
         """Take one server frame.
@@ -116,63 +154,57 @@ class ClientSession:
                 if v != PROTOCOL_VERSION:
                     raise VersionMismatch(f"server speaks protocol {v}, client {PROTOCOL_VERSION}")
                 self.state = ConnectionState.OPEN
-                if not self._unacked and self._next_seq == 1:
-                    # A resumed run: continue its numbering.
-                    self._next_seq = last_seq + 1
-                self._drop_acked(last_seq)
-                self._unsent = len(self._unacked)
+                self._acknowledge(last_seq)
+                self._sent_seq = self.acked_seq
             case Ack(seq=seq):
                 if self.state is not ConnectionState.OPEN:
                     raise ProtocolError("ack before welcome", code=1008)
-                self._drop_acked(seq)
+                self._acknowledge(seq)
         return message
 
-    def _drop_acked(self, seq: int) -> None:
-        while self._unacked and self._unacked[0].seq <= seq:
-            item = self._unacked.popleft()
-            if isinstance(item, Finish):
-                self._finish_acked = True
-        self.acked_seq = max(self.acked_seq, seq)
-        self._unsent = min(self._unsent, len(self._unacked))
+    def _acknowledge(self, seq: int) -> None:
+        if seq > self.acked_seq:
+            self.outbox.drop_through(seq)
+            self.acked_seq = seq
 
     # -- output ---------------------------------------------------------------------
 
     def frames_to_send(self) -> list[bytes]:
         """Frames to write now, in order; empty unless the session is open."""
+        self.cut_batches()
         if self.state is not ConnectionState.OPEN:
             return []
-        while self._pending:
-            n = min(self.rows_per_batch, len(self._pending))
-            rows = [self._pending.popleft() for _ in range(n)]
-            self._push(Batch(seq=self._next_seq, rows=rows))
-        if self._finish_status is not None and not self._finish_queued:
-            self._push(Finish(seq=self._next_seq, status=self._finish_status))
-        first = len(self._unacked) - self._unsent
-        frames = [_encoder.encode(self._unacked[i]) for i in range(first, len(self._unacked))]
-        self._unsent = 0
-        return frames
-
-    def _push(self, item: Batch | Finish) -> None:
-        self._unacked.append(item)
-        self._unsent += 1
-        self._next_seq += 1
-
-    @property
-    def _finish_queued(self) -> bool:
-        return self._finish_acked or any(isinstance(i, Finish) for i in self._unacked)
+        room = self.window - (self._sent_seq - self.acked_seq)
+        items = self.outbox.items(self._sent_seq + 1, room)
+        if items:
+            self._sent_seq = items[-1].seq
+        return [_encoder.encode(item) for item in items]
 
     # -- observation ----------------------------------------------------------------
 
     @property
     def pending_rows(self) -> int:
-        """Rows not yet acknowledged by the server (queued or in flight)."""
-        in_flight = sum(len(i.rows) for i in self._unacked if isinstance(i, Batch))
-        return len(self._pending) + in_flight
+        """Rows not yet acknowledged by the server (queued or in the outbox)."""
+        return len(self._pending) + self.outbox.rows
 
     @property
     def done(self) -> bool:
         """True once the server has acknowledged the run's end."""
-        return self._finish_acked
+        return self._finish_seq is not None and self.acked_seq >= self._finish_seq
+
+    @property
+    def delivered(self) -> bool:
+        """True once the server has acknowledged everything added so far."""
+        return not self._pending and self.acked_seq == self._next_seq - 1
+
+    @property
+    def finishing(self) -> bool:
+        """True once :meth:`finish` was called."""
+        return self._finish_status is not None
+
+    @property
+    def next_seq(self) -> int:
+        return self._next_seq
 
     def drop_oldest_pending(self, n: int) -> int:
         """Forget up to ``n`` of the oldest rows not yet cut into batches.
@@ -197,8 +229,9 @@ class ServerSession:
 
     def __init__(self) -> None:
         self.run: RunSpec | None = None
+        self.hello: Hello | None = None
         self.last_seq = 0
-        self._outbox: list[bytes] = []
+        self._replies: list[bytes] = []
 
     def receive_frame(self, data: bytes) -> TrainerToServer | None:
         """Take one trainer frame.
@@ -230,27 +263,29 @@ class ServerSession:
                     raise ProtocolError(f"sequence numbers start at 1, got {seq}")
                 if seq <= self.last_seq:
                     # Resent after a reconnect, and already stored: acknowledge only.
-                    self._outbox.append(_encoder.encode(Ack(seq=seq)))
+                    self._replies.append(_encoder.encode(Ack(seq=seq)))
                     return None
                 return message
             case _:
                 assert_never(message)
 
-    def run_opened(self, run: RunSpec, last_seq: int) -> None:
-        """The run named in ``hello`` is open in storage, holding batches up to ``last_seq``."""
-        self.run = run
+    def run_opened(self, hello: Hello, last_seq: int) -> None:
+        """The run and stream named in ``hello`` are open in storage, holding batches
+        up to ``last_seq``."""
+        self.hello = hello
+        self.run = hello.run
         self.last_seq = last_seq
-        self._outbox.append(
-            _encoder.encode(Welcome(v=PROTOCOL_VERSION, run_id=run.id, last_seq=last_seq))
+        self._replies.append(
+            _encoder.encode(Welcome(v=PROTOCOL_VERSION, run_id=hello.run.id, last_seq=last_seq))
         )
 
     def committed(self, seq: int) -> None:
         """The batch (or finish) ``seq`` is durably stored: acknowledge it."""
         self.last_seq = max(self.last_seq, seq)
-        self._outbox.append(_encoder.encode(Ack(seq=seq)))
+        self._replies.append(_encoder.encode(Ack(seq=seq)))
 
     def frames_to_send(self) -> list[bytes]:
-        frames, self._outbox = self._outbox, []
+        frames, self._replies = self._replies, []
         return frames
 
 

@@ -2,21 +2,41 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
+import time
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, WebSocket
+from starlette.concurrency import run_in_threadpool
 from starlette.staticfiles import StaticFiles
 
 from trainwire import __version__
 from trainwire.server.api import router
-from trainwire.server.bus import Bus, MemoryBus
+from trainwire.server.bus import Bus, MemoryBus, RunChanged
 from trainwire.server.fanout import serve_dashboard
 from trainwire.server.ingest import serve_trainer
+from trainwire.server.watch import RunWatch
 from trainwire.settings import Settings
 from trainwire.storage import SQLiteStore, Store
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "reap_crashed_runs"]
+
+logger = logging.getLogger("trainwire.server")
+
+
+async def reap_crashed_runs(store: Store, bus: Bus, watch: RunWatch) -> None:
+    """Mark ``crashed`` every run whose trainers vanished without finishing."""
+    while True:
+        await asyncio.sleep(watch.timeout / 4)  # a period, not a wait for an event
+        running = await run_in_threadpool(store.running_runs)
+        for run_id in watch.overdue(running, time.time()):
+            info = await run_in_threadpool(store.mark_crashed, run_id, time.time())
+            watch.forget(run_id)
+            if info is not None:
+                logger.warning("run %s crashed: no trainer for %g s", run_id, watch.timeout)
+                await bus.publish(RunChanged(info))
 
 
 def create_app(
@@ -36,9 +56,16 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.store = store if store is not None else SQLiteStore(settings.db_path)
         app.state.bus = bus if bus is not None else MemoryBus()
+        app.state.watch = RunWatch(settings.heartbeat_timeout, time.time())
+        reaper = asyncio.create_task(
+            reap_crashed_runs(app.state.store, app.state.bus, app.state.watch)
+        )
         try:
             yield
         finally:
+            reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reaper
             await app.state.bus.close()
             app.state.store.close()
 
@@ -52,7 +79,9 @@ def create_app(
 
     @app.websocket("/ws/ingest")
     async def ingest(ws: WebSocket) -> None:
-        await serve_trainer(ws, app.state.store, app.state.bus, settings.max_frame_bytes)
+        await serve_trainer(
+            ws, app.state.store, app.state.bus, app.state.watch, settings.max_frame_bytes
+        )
 
     @app.websocket("/ws/dashboard")
     async def dashboard(ws: WebSocket) -> None:

@@ -13,6 +13,7 @@ from trainwire.protocol.columns import series_from_rows, spelled
 from trainwire.protocol.messages import Batch, Finish, Hello, Points, encode_json
 from trainwire.protocol.session import ServerSession
 from trainwire.server.bus import Bus, PointsCommitted, RunChanged
+from trainwire.server.watch import RunWatch
 from trainwire.storage import Store
 
 __all__ = ["serve_trainer"]
@@ -20,7 +21,9 @@ __all__ = ["serve_trainer"]
 logger = logging.getLogger("trainwire.server")
 
 
-async def serve_trainer(ws: WebSocket, store: Store, bus: Bus, max_frame_bytes: int) -> None:
+async def serve_trainer(
+    ws: WebSocket, store: Store, bus: Bus, watch: RunWatch, max_frame_bytes: int
+) -> None:
     """Run one trainer connection until it closes.
 
     Every batch is committed before it is acknowledged and before dashboards hear
@@ -28,6 +31,21 @@ async def serve_trainer(ws: WebSocket, store: Store, bus: Bus, max_frame_bytes: 
     """
     await ws.accept()
     session = ServerSession()
+    try:
+        await _serve(ws, session, store, bus, watch, max_frame_bytes)
+    finally:
+        if session.run is not None:
+            watch.disconnected(session.run.id, time.time())
+
+
+async def _serve(
+    ws: WebSocket,
+    session: ServerSession,
+    store: Store,
+    bus: Bus,
+    watch: RunWatch,
+    max_frame_bytes: int,
+) -> None:
     try:
         while True:
             message = await ws.receive()
@@ -38,7 +56,7 @@ async def serve_trainer(ws: WebSocket, store: Store, bus: Bus, max_frame_bytes: 
                 raise ProtocolError("trainer frames must be binary msgpack, not text")
             if len(data) > max_frame_bytes:
                 raise ProtocolError(f"frame of {len(data)} bytes exceeds {max_frame_bytes}", 1009)
-            await _handle(session, session.receive_frame(data), store, bus)
+            await _handle(session, session.receive_frame(data), store, bus, watch)
             for frame in session.frames_to_send():
                 await ws.send_bytes(frame)
     except ProtocolError as exc:
@@ -49,35 +67,53 @@ async def serve_trainer(ws: WebSocket, store: Store, bus: Bus, max_frame_bytes: 
 
 
 async def _handle(
-    session: ServerSession, message: Hello | Batch | Finish | None, store: Store, bus: Bus
+    session: ServerSession,
+    message: Hello | Batch | Finish | None,
+    store: Store,
+    bus: Bus,
+    watch: RunWatch,
 ) -> None:
     match message:
         case None:
             return
-        case Hello(run=spec):
-            last_seq = await run_in_threadpool(store.open_run, spec, time.time())
-            session.run_opened(spec, last_seq)
+        case Hello(run=spec, stream=stream):
+            last_seq = await run_in_threadpool(store.open_run, spec, stream, time.time())
+            session.run_opened(message, last_seq)
+            watch.connected(spec.id)
             run = await run_in_threadpool(store.get_run, spec.id)
             if run is not None:
                 await bus.publish(RunChanged(run))
-            logger.info("run %s opened (%s/%s)", spec.id, spec.project, spec.name)
+            logger.info("run %s stream %s opened (%s/%s)", spec.id, stream, spec.project, spec.name)
         case Batch():
-            assert session.run is not None  # ServerSession refuses a batch before hello
-            run_id = session.run.id
-            commit = await run_in_threadpool(store.append_batch, run_id, message, time.time())
+            hello = _opened(session)
+            run_id = hello.run.id
+            # Ranks of one distributed job share the run; their keys stay apart.
+            prefix = "" if hello.rank is None else f"rank{hello.rank}/"
+            commit = await run_in_threadpool(
+                store.append_batch, run_id, hello.stream, message, time.time(), prefix
+            )
             session.committed(message.seq)
             if commit is not None:
-                frame = encode_json(
-                    Points(
-                        run=run_id, seq=commit.seq, series=spelled(series_from_rows(message.rows))
-                    )
-                )
+                rows = message.rows
+                if prefix:
+                    rows = [
+                        (step, t, {prefix + k: v for k, v in vs.items()}) for step, t, vs in rows
+                    ]
+                series = spelled(series_from_rows(rows))
+                frame = encode_json(Points(run=run_id, seq=commit.seq, series=series))
                 await bus.publish(PointsCommitted(run_id, commit.prev_seq, commit.seq, frame))
         case Finish(seq=seq, status=status):
-            assert session.run is not None
-            run_id = session.run.id
-            info = await run_in_threadpool(store.set_status, run_id, status, seq, time.time())
+            hello = _opened(session)
+            info = await run_in_threadpool(
+                store.set_status, hello.run.id, hello.stream, status, seq, time.time()
+            )
             session.committed(seq)
             if info is not None:
                 await bus.publish(RunChanged(info))
-                logger.info("run %s %s", run_id, status)
+                logger.info("run %s stream %s %s", hello.run.id, hello.stream, status)
+
+
+def _opened(session: ServerSession) -> Hello:
+    # ServerSession refuses a batch or finish before hello: this is never None.
+    assert session.hello is not None
+    return session.hello

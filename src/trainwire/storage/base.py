@@ -26,16 +26,32 @@ class Store(Protocol):
     transaction, so a batch sent twice is stored once.
     """
 
-    def open_run(self, spec: RunSpec, now: float) -> int:
-        """Create the run, or reopen it; returns the last batch seq stored for it."""
+    def open_run(self, spec: RunSpec, stream: str, now: float) -> int:
+        """Create the run and the writer's stream, or reopen them (the run is then
+        running again); returns the last batch seq stored for that stream."""
         ...
 
-    def append_batch(self, run_id: str, batch: Batch, now: float) -> Commit | None:
-        """Store a batch; None when a batch with this seq (or later) is already stored."""
+    def append_batch(
+        self, run_id: str, stream: str, batch: Batch, now: float, prefix: str = ""
+    ) -> Commit | None:
+        """Store a batch, its keys under ``prefix``; None when the stream already
+        holds this seq. ``Commit`` carries the run's commit counter, which orders
+        every batch of the run, whatever its stream, for the dashboards."""
         ...
 
-    def set_status(self, run_id: str, status: str, seq: int, now: float) -> RunInfo | None:
-        """Change a run's status as its sequenced item ``seq``; None for a duplicate."""
+    def set_status(
+        self, run_id: str, stream: str, status: str, seq: int, now: float
+    ) -> RunInfo | None:
+        """End a stream as its sequenced item ``seq``; None for a duplicate. The run
+        is finished once every stream is."""
+        ...
+
+    def mark_crashed(self, run_id: str, now: float) -> RunInfo | None:
+        """Every stream of the run still running has vanished: the run crashed."""
+        ...
+
+    def running_runs(self) -> list[str]:
+        """Ids of the runs whose status is ``running``."""
         ...
 
     def list_runs(self) -> list[RunInfo]: ...
@@ -47,8 +63,8 @@ class Store(Protocol):
     def metrics(
         self, run_id: str, keys: list[str] | None = None, after: int = 0
     ) -> tuple[int, dict[str, Series]]:
-        """Points of batches with seq > ``after``, per key, and the run's last seq
-        read in the same transaction. Values are raw floats (NaN included)."""
+        """Points committed after the run's commit counter was ``after``, per key, and
+        the counter read in the same transaction. Values are raw floats (NaN included)."""
         ...
 
     def close(self) -> None: ...

@@ -6,6 +6,7 @@ import json
 import math
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -20,15 +21,26 @@ SCHEMA_VERSION: Final = 1
 # Each entry upgrades the schema from version i to i + 1.
 _MIGRATIONS: Final = [
     """
+    -- commit_seq counts committed batches of the run, whatever stream they came
+    -- from: dashboards resume from it.
     CREATE TABLE runs (
-        id       TEXT PRIMARY KEY,
-        project  TEXT NOT NULL,
-        name     TEXT NOT NULL,
+        id         TEXT PRIMARY KEY,
+        project    TEXT NOT NULL,
+        name       TEXT NOT NULL,
+        status     TEXT NOT NULL,
+        created    REAL NOT NULL,
+        updated    REAL NOT NULL,
+        config     TEXT NOT NULL,
+        commit_seq INTEGER NOT NULL DEFAULT 0
+    );
+    -- One writer's sequence of batches (a process; a DDP rank): last_seq
+    -- de-duplicates what it resends.
+    CREATE TABLE streams (
+        run_id   TEXT NOT NULL REFERENCES runs(id),
+        stream   TEXT NOT NULL,
+        last_seq INTEGER NOT NULL DEFAULT 0,
         status   TEXT NOT NULL,
-        created  REAL NOT NULL,
-        updated  REAL NOT NULL,
-        config   TEXT NOT NULL,
-        last_seq INTEGER NOT NULL DEFAULT 0
+        PRIMARY KEY (run_id, stream)
     );
     CREATE TABLE series (
         id     INTEGER PRIMARY KEY,
@@ -66,7 +78,7 @@ class SQLiteStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # One connection, used from the server's thread pool under a lock: SQLite
         # serialises writers anyway, and reads under the same lock see a batch and its
-        # run's last_seq together, which the dashboards' no-gap resume relies on.
+        # run's commit_seq together, which the dashboards' no-gap resume relies on.
         self._lock = threading.Lock()
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -95,12 +107,12 @@ class SQLiteStore:
 
     # -- writes ---------------------------------------------------------------------
 
-    def open_run(self, spec: RunSpec, now: float) -> int:
+    def open_run(self, spec: RunSpec, stream: str, now: float) -> int:
         with self._lock, self._transaction():
-            row = self._db.execute("SELECT last_seq FROM runs WHERE id = ?", (spec.id,)).fetchone()
-            if row is None:
+            exists = self._db.execute("SELECT 1 FROM runs WHERE id = ?", (spec.id,)).fetchone()
+            if exists is None:
                 self._db.execute(
-                    f"INSERT INTO runs ({_RUN_COLUMNS}, last_seq) VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
+                    f"INSERT INTO runs ({_RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (
                         spec.id,
                         spec.project,
@@ -108,51 +120,111 @@ class SQLiteStore:
                         RunStatus.RUNNING,
                         now,
                         now,
-                        json.dumps(spec.config, default=str, allow_nan=True),
+                        json.dumps(spec.config, default=str),
                     ),
                 )
-                return 0
-            self._db.execute(
-                "UPDATE runs SET status = ?, updated = ? WHERE id = ?",
-                (RunStatus.RUNNING, now, spec.id),
-            )
-            last_seq: int = row[0]
-            return last_seq
+            row = self._db.execute(
+                "SELECT last_seq FROM streams WHERE run_id = ? AND stream = ?", (spec.id, stream)
+            ).fetchone()
+            if row is None:
+                self._db.execute(
+                    "INSERT INTO streams (run_id, stream, last_seq, status) VALUES (?, ?, 0, ?)",
+                    (spec.id, stream, RunStatus.RUNNING),
+                )
+            else:
+                # A writer back after the server declared it crashed. A finished
+                # stream stays finished: this is a resend of what it already has.
+                self._db.execute(
+                    "UPDATE streams SET status = ? WHERE run_id = ? AND stream = ? AND status = ?",
+                    (RunStatus.RUNNING, spec.id, stream, RunStatus.CRASHED),
+                )
+            self._settle_status(spec.id, now)
+            return 0 if row is None else int(row[0])
 
-    def append_batch(self, run_id: str, batch: Batch, now: float) -> Commit | None:
+    def append_batch(
+        self, run_id: str, stream: str, batch: Batch, now: float, prefix: str = ""
+    ) -> Commit | None:
         with self._lock, self._transaction():
-            prev = self._claim_seq(run_id, batch.seq, now)
-            if prev is None:
+            if not self._claim_seq(run_id, stream, batch.seq):
                 return None
+            prev, commit = self._next_commit(run_id, now)
             points = []
             for step, time, values in batch.rows:
                 for key, value in values.items():
-                    points.append((self._series_id(run_id, key), batch.seq, step, time, value))
+                    series_id = self._series_id(run_id, prefix + key)
+                    points.append((series_id, commit, step, time, value))
             self._db.executemany(
                 "INSERT INTO points (series_id, seq, step, time, value) VALUES (?, ?, ?, ?, ?)",
                 points,
             )
-            return Commit(prev_seq=prev, seq=batch.seq)
+            return Commit(prev_seq=prev, seq=commit)
 
-    def set_status(self, run_id: str, status: str, seq: int, now: float) -> RunInfo | None:
+    def set_status(
+        self, run_id: str, stream: str, status: str, seq: int, now: float
+    ) -> RunInfo | None:
         with self._lock, self._transaction():
-            if self._claim_seq(run_id, seq, now) is None:
+            if not self._claim_seq(run_id, stream, seq):
                 return None
-            self._db.execute("UPDATE runs SET status = ? WHERE id = ?", (status, run_id))
-            return self._run(run_id)
+            self._db.execute(
+                "UPDATE streams SET status = ? WHERE run_id = ? AND stream = ?",
+                (status, run_id, stream),
+            )
+            return self._settle_status(run_id, now)
 
-    def _claim_seq(self, run_id: str, seq: int, now: float) -> int | None:
-        """Move the run's last_seq to ``seq``; the previous value, or None if not newer."""
-        row = self._db.execute("SELECT last_seq FROM runs WHERE id = ?", (run_id,)).fetchone()
-        if row is None:
-            raise StorageError(f"no run {run_id!r}")
-        prev: int = row[0]
-        if seq <= prev:
-            return None
+    def mark_crashed(self, run_id: str, now: float) -> RunInfo | None:
+        with self._lock, self._transaction():
+            self._db.execute(
+                "UPDATE streams SET status = ? WHERE run_id = ? AND status = ?",
+                (RunStatus.CRASHED, run_id, RunStatus.RUNNING),
+            )
+            return self._settle_status(run_id, now)
+
+    def running_runs(self) -> list[str]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id FROM runs WHERE status = ?", (RunStatus.RUNNING,)
+            ).fetchall()
+        return [run_id for (run_id,) in rows]
+
+    def _settle_status(self, run_id: str, now: float) -> RunInfo | None:
+        # A run is running while any of its writers is; else crashed if one crashed.
+        statuses = {
+            status
+            for (status,) in self._db.execute(
+                "SELECT status FROM streams WHERE run_id = ?", (run_id,)
+            ).fetchall()
+        }
+        for status in (RunStatus.RUNNING, RunStatus.CRASHED, RunStatus.FINISHED):
+            if status in statuses:
+                break
+        else:
+            return self._run(run_id)
         self._db.execute(
-            "UPDATE runs SET last_seq = ?, updated = ? WHERE id = ?", (seq, now, run_id)
+            "UPDATE runs SET status = ?, updated = ? WHERE id = ?", (status, now, run_id)
         )
-        return prev
+        return self._run(run_id)
+
+    def _claim_seq(self, run_id: str, stream: str, seq: int) -> bool:
+        """Move the stream's last_seq to ``seq``; False if it already holds it."""
+        row = self._db.execute(
+            "SELECT last_seq FROM streams WHERE run_id = ? AND stream = ?", (run_id, stream)
+        ).fetchone()
+        if row is None:
+            raise StorageError(f"no stream {stream!r} in run {run_id!r}")
+        if seq <= row[0]:
+            return False
+        self._db.execute(
+            "UPDATE streams SET last_seq = ? WHERE run_id = ? AND stream = ?",
+            (seq, run_id, stream),
+        )
+        return True
+
+    def _next_commit(self, run_id: str, now: float) -> tuple[int, int]:
+        (prev,) = self._db.execute("SELECT commit_seq FROM runs WHERE id = ?", (run_id,)).fetchone()
+        self._db.execute(
+            "UPDATE runs SET commit_seq = ?, updated = ? WHERE id = ?", (prev + 1, now, run_id)
+        )
+        return int(prev), int(prev) + 1
 
     def _series_id(self, run_id: str, key: str) -> int:
         cached = self._series_ids.get((run_id, key))
@@ -166,7 +238,8 @@ class SQLiteStore:
         return series_id
 
     def _transaction(self) -> _Transaction:
-        return _Transaction(self._db)
+        # On rollback, forget cached series ids: they may name rows that were undone.
+        return _Transaction(self._db, on_rollback=self._series_ids.clear)
 
     # -- reads ----------------------------------------------------------------------
 
@@ -208,7 +281,7 @@ class SQLiteStore:
             params.extend(keys)
         query += " ORDER BY p.series_id, p.seq, p.rowid"
         with self._lock, self._transaction():
-            row = self._db.execute("SELECT last_seq FROM runs WHERE id = ?", (run_id,)).fetchone()
+            row = self._db.execute("SELECT commit_seq FROM runs WHERE id = ?", (run_id,)).fetchone()
             last_seq: int = 0 if row is None else row[0]
             rows = self._db.execute(query, params).fetchall()
         series: dict[str, Series] = {}
@@ -235,8 +308,9 @@ class SQLiteStore:
 class _Transaction:
     """BEGIN IMMEDIATE ... COMMIT, rolled back on error, sqlite3 errors translated."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, on_rollback: Callable[[], None]) -> None:
         self._db = db
+        self._on_rollback = on_rollback
 
     def __enter__(self) -> None:
         try:
@@ -251,8 +325,10 @@ class _Transaction:
                 return
             except sqlite3.Error as commit_error:
                 self._db.execute("ROLLBACK")
+                self._on_rollback()
                 raise StorageError(str(commit_error)) from commit_error
         self._db.execute("ROLLBACK")
+        self._on_rollback()
         if isinstance(exc, sqlite3.Error):
             raise StorageError(str(exc)) from exc
 

@@ -1,0 +1,222 @@
+"""A run's file: the outbox's overflow while the server is unreachable, and the
+whole run in offline mode.
+
+Format: the magic line ``TWRUN1\\n``, then records, each a 4-byte little-endian
+length and a msgpack body: first a :class:`RunHeader`, then the run's sequenced
+items (``batch`` and ``finish`` frames, exactly as sent on the wire). Because the
+items carry their stream and sequence numbers, uploading a file twice
+(``trainwire sync``) stores nothing twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from collections import deque
+from pathlib import Path
+from typing import IO, Final
+
+import msgspec
+
+from trainwire.exceptions import ConfigError
+from trainwire.protocol.messages import PROTOCOL_VERSION, RunSpec, Sequenced
+
+__all__ = ["MAGIC", "RunHeader", "SpillingOutbox", "new_header"]
+
+logger = logging.getLogger("trainwire.client")
+
+MAGIC: Final = b"TWRUN1\n"
+_LENGTH: Final = struct.Struct("<I")
+_item_decoder: Final[msgspec.msgpack.Decoder[Sequenced]] = msgspec.msgpack.Decoder(Sequenced)
+_encoder: Final = msgspec.msgpack.Encoder()
+
+
+class RunHeader(msgspec.Struct, frozen=True):
+    """Who wrote a run file: enough to replay it as the same writer."""
+
+    v: int
+    run: RunSpec
+    stream: str
+    rank: int | None = None
+
+
+class SpillingOutbox:
+    """An outbox that keeps up to ``memory_rows`` rows in memory and the rest in a file.
+
+    Items stay in order across the two: once one item went to the file, every later
+    one does too, until the file is drained by acknowledgements. In offline mode
+    (``keep=True``, ``memory_rows=0``) every item goes to the file and the file is
+    kept.
+
+    Args:
+        path: the run file; created when first needed.
+        header: written at the start of the file.
+        memory_rows: rows kept in memory before spilling.
+        disk_bytes: the file's size bound; :attr:`full` tells the caller to stop
+            adding (it drops rows and counts them instead).
+        keep: never truncate or delete the file.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        header: RunHeader,
+        *,
+        memory_rows: int,
+        disk_bytes: int,
+        keep: bool = False,
+    ) -> None:
+        self.path = path
+        self.header = header
+        self.memory_rows = memory_rows
+        self.disk_bytes = disk_bytes
+        self.keep = keep
+        self._memory: deque[Sequenced] = deque()
+        self._memory_rows = 0
+        self._file: IO[bytes] | None = None
+        self._data_start = 0
+        self._index: deque[tuple[int, int, int, int]] = deque()  # seq, offset, size, rows
+        self._disk_rows = 0
+        self.spilled = 0
+
+    @classmethod
+    def open_existing(cls, path: Path) -> SpillingOutbox:
+        """A run file written earlier, every item in it still to be delivered.
+
+        Raises:
+            ConfigError: the file is not a trainwire run file.
+        """
+        handle = open(path, "r+b")  # noqa: SIM115 - owned by the outbox
+        try:
+            if handle.read(len(MAGIC)) != MAGIC:
+                raise ConfigError(f"{path} is not a trainwire run file")
+            header = msgspec.msgpack.decode(_read_record(handle) or b"", type=RunHeader)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            handle.close()
+            raise ConfigError(f"{path}: unreadable header: {exc}") from exc
+        except ConfigError:
+            handle.close()
+            raise
+        outbox = cls(path, header, memory_rows=0, disk_bytes=1 << 62, keep=True)
+        outbox._file = handle
+        outbox._data_start = handle.tell()
+        while True:
+            offset = handle.tell()
+            body = _read_record(handle)
+            if body is None:
+                break  # the end, or a record cut short by a crash: stop before it
+            item = _item_decoder.decode(body)
+            if outbox._index and item.seq != outbox._index[-1][0] + 1:
+                break
+            outbox._index.append((item.seq, offset, len(body), item.row_count))
+            outbox._disk_rows += item.row_count
+        handle.seek(0, os.SEEK_END)
+        return outbox
+
+    @property
+    def first_seq(self) -> int | None:
+        if self._memory:
+            return self._memory[0].seq
+        return self._index[0][0] if self._index else None
+
+    @property
+    def last_seq(self) -> int | None:
+        if self._index:
+            return self._index[-1][0]
+        return self._memory[-1].seq if self._memory else None
+
+    # -- Outbox -----------------------------------------------------------------------
+
+    def append(self, item: Sequenced) -> None:
+        if not self._index and self._memory_rows + item.row_count <= self.memory_rows:
+            self._memory.append(item)
+            self._memory_rows += item.row_count
+            return
+        handle = self._open()
+        body = _encoder.encode(item)
+        offset = handle.seek(0, os.SEEK_END)
+        handle.write(_LENGTH.pack(len(body)) + body)
+        handle.flush()
+        self._index.append((item.seq, offset, len(body), item.row_count))
+        self._disk_rows += item.row_count
+        self.spilled += 1
+
+    def items(self, start_seq: int, limit: int) -> list[Sequenced]:
+        found: list[Sequenced] = []
+        if self._memory and limit > 0:
+            first = max(0, start_seq - self._memory[0].seq)
+            found = [self._memory[i] for i in range(first, min(len(self._memory), first + limit))]
+            start_seq = max(start_seq, self._memory[-1].seq + 1)
+        if self._index and len(found) < limit:
+            assert self._file is not None
+            first = max(0, start_seq - self._index[0][0])
+            for i in range(first, min(len(self._index), first + limit - len(found))):
+                _, offset, size, _ = self._index[i]
+                self._file.seek(offset + _LENGTH.size)
+                found.append(_item_decoder.decode(self._file.read(size)))
+            self._file.seek(0, os.SEEK_END)
+        return found
+
+    def drop_through(self, seq: int) -> None:
+        while self._memory and self._memory[0].seq <= seq:
+            self._memory_rows -= self._memory.popleft().row_count
+        while self._index and self._index[0][0] <= seq:
+            self._disk_rows -= self._index.popleft()[3]
+        if not self._index and self._file is not None and not self.keep:
+            # Drained: start the file over, so it never grows past one outage.
+            self._file.truncate(self._data_start)
+            self._file.seek(self._data_start)
+
+    @property
+    def rows(self) -> int:
+        return self._memory_rows + self._disk_rows
+
+    def __len__(self) -> int:
+        return len(self._memory) + len(self._index)
+
+    # -- bounds and lifetime ------------------------------------------------------------
+
+    @property
+    def spilling(self) -> bool:
+        return bool(self._index)
+
+    @property
+    def full(self) -> bool:
+        """The file has reached its bound: add nothing more."""
+        if self._file is None or not self._index:
+            return False
+        return self._file.tell() >= self.disk_bytes
+
+    def close(self) -> None:
+        """Close the file; delete it if it holds nothing undelivered (and not ``keep``)."""
+        if self._file is None:
+            return
+        self._file.close()
+        self._file = None
+        if not self.keep and not self._index:
+            self.path.unlink(missing_ok=True)
+
+    def _open(self) -> IO[bytes]:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "w+b")  # noqa: SIM115 - owned by the outbox
+            header = _encoder.encode(self.header)
+            self._file.write(MAGIC + _LENGTH.pack(len(header)) + header)
+            self._data_start = self._file.tell()
+            if self.keep:
+                logger.info("trainwire: writing run to %s", self.path)
+        return self._file
+
+
+def _read_record(handle: IO[bytes]) -> bytes | None:
+    prefix = handle.read(_LENGTH.size)
+    if len(prefix) < _LENGTH.size:
+        return None
+    (size,) = _LENGTH.unpack(prefix)
+    body = handle.read(size)
+    return body if len(body) == size else None
+
+
+def new_header(run: RunSpec, stream: str, rank: int | None) -> RunHeader:
+    return RunHeader(v=PROTOCOL_VERSION, run=run, stream=stream, rank=rank)

@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from trainwire.client.spool import SpillingOutbox, new_header
+from trainwire.exceptions import ConfigError
+from trainwire.protocol.messages import Batch, Finish, RunSpec
+
+SPEC = RunSpec(id="r", project="p", name="n")
+
+
+def batch(seq: int, rows: int = 2) -> Batch:
+    return Batch(seq=seq, rows=[(seq, 0.0, {"x": float(i)}) for i in range(rows)])
+
+
+def outbox(tmp_path: Path, memory_rows: int = 4, **kwargs: object) -> SpillingOutbox:
+    return SpillingOutbox(
+        tmp_path / "run" / "s.twrun",
+        new_header(SPEC, "s", None),
+        memory_rows=memory_rows,
+        disk_bytes=kwargs.pop("disk_bytes", 1 << 20),  # type: ignore[arg-type]
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def test_items_past_the_memory_bound_go_to_the_file_and_come_back_in_order(
+    tmp_path: Path,
+) -> None:
+    box = outbox(tmp_path)
+    for seq in range(1, 6):
+        box.append(batch(seq))
+    assert box.spilling and box.spilled == 3 and box.rows == 10 and len(box) == 5
+    assert [i.seq for i in box.items(1, 10)] == [1, 2, 3, 4, 5]
+    assert [i.seq for i in box.items(2, 2)] == [2, 3]
+    assert [i.seq for i in box.items(4, 10)] == [4, 5]
+    assert box.items(4, 10)[0] == batch(4)
+    box.close()
+    assert box.path.exists()  # undelivered items stay on disk, for trainwire sync
+
+
+def test_once_spilling_new_items_follow_on_disk_until_it_drains(tmp_path: Path) -> None:
+    box = outbox(tmp_path)
+    for seq in range(1, 4):
+        box.append(batch(seq))
+    box.drop_through(2)  # memory has room again, but the file is not drained
+    box.append(batch(4))
+    assert box.spilled == 2
+    box.drop_through(4)
+    assert not box.spilling and box.rows == 0
+    box.append(batch(5))  # drained: back to memory, the file started over
+    assert box.spilled == 2 and box.path.stat().st_size < 100
+    box.close()
+    assert not box.path.exists()
+
+
+def test_full_reports_the_disk_bound(tmp_path: Path) -> None:
+    box = outbox(tmp_path, memory_rows=0, disk_bytes=200)
+    assert not box.full
+    seq = 1
+    while not box.full:
+        box.append(batch(seq))
+        seq += 1
+    assert box.path.stat().st_size >= 200
+    box.close()
+
+
+def test_a_kept_file_reads_back_with_its_header_and_items(tmp_path: Path) -> None:
+    box = outbox(tmp_path, memory_rows=0, keep=True)
+    for seq in range(1, 4):
+        box.append(batch(seq))
+    box.append(Finish(seq=4))
+    box.drop_through(4)  # kept files are never truncated
+    box.close()
+    again = SpillingOutbox.open_existing(box.path)
+    assert again.header == new_header(SPEC, "s", None)
+    assert (again.first_seq, again.last_seq, again.rows) == (1, 4, 6)
+    assert again.items(1, 10) == [batch(1), batch(2), batch(3), Finish(seq=4)]
+    again.close()
+
+
+def test_a_record_cut_short_by_a_crash_is_left_out(tmp_path: Path) -> None:
+    box = outbox(tmp_path, memory_rows=0, keep=True)
+    for seq in range(1, 4):
+        box.append(batch(seq))
+    box.close()
+    data = box.path.read_bytes()
+    box.path.write_bytes(data[:-5])
+    again = SpillingOutbox.open_existing(box.path)
+    assert [i.seq for i in again.items(1, 10)] == [1, 2]
+    again.close()
+
+
+def test_a_file_that_is_not_a_run_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "x.twrun"
+    path.write_bytes(b"hello")
+    with pytest.raises(ConfigError, match="not a trainwire run file"):
+        SpillingOutbox.open_existing(path)

@@ -1,0 +1,207 @@
+"""Nothing lost, training never hurt: spill, offline, sync, threads, forks, ranks,
+resume and crash detection, against a real server on port 0."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from websockets.sync.client import connect
+
+import trainwire
+from tests.conftest import MS, LiveServer
+from trainwire.cli import main
+
+
+def stored_steps(server: LiveServer, run_id: str, key: str) -> list[int]:
+    return server.store.metrics(run_id)[1][key].step
+
+
+def test_a_long_outage_spills_to_disk_and_replays_in_order(
+    live_server: LiveServer, isolated_environment: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="trainwire.client")
+    live_server.stop()
+    run = trainwire.init(url=live_server.url, max_memory_rows=50, flush_interval=0.005)
+    for step in range(2000):
+        run.log({"x": float(step)})
+    live_server.start()
+    run.finish(timeout=20_000 * MS)
+    assert run.delivered
+    assert stored_steps(live_server, run.id, "x") == list(range(2000))
+    assert caplog.text.count("spilling to") == 1
+    assert not run.path.exists()  # delivered: the spill file is gone
+
+
+def test_offline_runs_are_written_to_a_file_and_synced_once_however_often(
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TRAINWIRE_MODE", "offline")
+    with trainwire.init(project="air-gapped", name="offline") as run:
+        for step in range(500):
+            run.log({"loss": 1.0 / (step + 1)})
+    assert run.url is None and run.path.exists()
+    assert live_server.store.list_runs() == []
+    for _ in range(2):
+        assert main(["sync", str(run.path.parent.parent), "--url", live_server.url]) == 0
+        assert f"run {run.id}, 500 rows: stored" in capsys.readouterr().out
+    assert stored_steps(live_server, run.id, "loss") == list(range(500))
+    assert live_server.store.get_run(run.id).status == "finished"  # type: ignore[union-attr]
+
+
+def test_log_is_safe_from_several_threads(live_server: LiveServer) -> None:
+    run = trainwire.init(url=live_server.url)
+    start = threading.Barrier(4)
+
+    def worker(n: int) -> None:
+        start.wait()
+        for _ in range(500):
+            run.log({"x": float(n)})
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    run.finish()
+    assert sorted(stored_steps(live_server, run.id, "x")) == list(range(2000))
+
+
+@pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")
+def test_a_forked_child_neither_breaks_nor_duplicates_the_run(live_server: LiveServer) -> None:
+    run = trainwire.init(url=live_server.url)
+    run.log({"x": 0.0})
+    pid = os.fork()
+    if pid == 0:  # the child, like a DataLoader worker
+        try:
+            run.log({"x": 99.0})
+            run.finish()
+        finally:
+            os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+    run.log({"x": 1.0})
+    run.finish()
+    assert run.delivered
+    assert live_server.store.metrics(run.id)[1]["x"].value == [0.0, 1.0]
+
+
+def test_ranks_log_into_one_run_tagged_or_rank_zero_alone(live_server: LiveServer) -> None:
+    ranks = [trainwire.init(id="ddp-1", ranks="all", rank=r, url=live_server.url) for r in (0, 1)]
+    for rank, run in enumerate(ranks):
+        run.log({"loss": float(rank)}, step=0)
+    ranks[0].finish()
+    assert live_server.store.get_run("ddp-1").status == "running"  # type: ignore[union-attr]
+    ranks[1].finish()
+    assert live_server.store.get_run("ddp-1").status == "finished"  # type: ignore[union-attr]
+    series = live_server.store.metrics("ddp-1")[1]
+    assert {k: v.value for k, v in series.items()} == {"rank0/loss": [0.0], "rank1/loss": [1.0]}
+
+    quiet = trainwire.init(ranks="zero", rank=3, url="http://127.0.0.1:9")
+    quiet.log({"loss": 1.0})
+    quiet.finish()
+    assert quiet.state.value == "detached" and not quiet._sender.is_alive()
+
+
+def test_ranks_all_without_a_shared_id_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(trainwire.ConfigError, match="TRAINWIRE_RUN_ID"):
+        trainwire.init(ranks="all", url="http://127.0.0.1:9")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
+    run = trainwire.init(ranks="all", mode="offline")
+    run.finish()
+    assert (run.id, run.rank) == ("job-7", 1)
+
+
+def test_resume_continues_a_run_after_the_script_restarts(live_server: LiveServer) -> None:
+    with trainwire.init(url=live_server.url) as first:
+        first.log({"x": 0.0}, step=0)
+    with trainwire.init(resume=first.id, url=live_server.url) as again:
+        again.log({"x": 1.0}, step=1)
+    assert again.id == first.id
+    assert stored_steps(live_server, first.id, "x") == [0, 1]
+    assert [r.status for r in live_server.store.list_runs()] == ["finished"]
+
+
+TRAINER = """
+import sys, trainwire
+run = trainwire.init(project="doomed", url=sys.argv[1], flush_interval=0.005)
+print(run.id, flush=True)
+step = 0
+while True:
+    run.log({"x": float(step)})
+    step += 1
+    if step % 1000 == 0:
+        import time; time.sleep(0.001)
+"""
+
+
+def test_a_trainer_killed_9_leaves_its_run_crashed_with_every_acked_point(
+    tmp_path: Path,
+) -> None:
+    server = LiveServer(data_dir=tmp_path / "server", heartbeat_timeout=0.5)
+    server.start()
+    try:
+        with connect(f"{server.ws_url}/ws/dashboard", open_timeout=5000 * MS) as dash:
+            dash.recv(5000 * MS)
+            dash.recv(5000 * MS)
+            trainer = subprocess.Popen(
+                [sys.executable, "-c", TRAINER, server.url], stdout=subprocess.PIPE, text=True
+            )
+            assert trainer.stdout is not None
+            run_id = trainer.stdout.readline().strip()
+            dash.send(json.dumps({"type": "subscribe", "run": run_id, "after": 0}))
+            # Wait until points flow, then kill the trainer without warning.
+            while True:
+                frame = json.loads(dash.recv(10_000 * MS))
+                if frame["type"] == "points" and frame["series"]:
+                    break
+            trainer.kill()
+            trainer.wait()
+            trainer.stdout.close()
+            while True:
+                frame = json.loads(dash.recv(10_000 * MS))
+                if frame["type"] == "run" and frame["run"]["status"] == "crashed":
+                    break
+        steps = stored_steps(server, run_id, "x")
+        assert steps == list(range(len(steps))) and steps  # a prefix: no gap, no duplicate
+        assert server.store.integrity_check() == "ok"
+    finally:
+        server.stop()
+
+
+def test_sigterm_stops_the_server_in_seconds_and_its_successor_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    import time
+
+    from trainwire.client.local import ensure_local_server
+    from trainwire.server.runner import stop
+    from trainwire.storage import SQLiteStore
+
+    data = tmp_path / "server"
+    url = ensure_local_server(data, port=0)
+    port = int(url.rsplit(":", 1)[1])
+    run = trainwire.init(url=url, flush_interval=0.005)
+    try:
+        for step in range(300):
+            run.log({"x": float(step)})
+        started = time.monotonic()
+        assert stop(data) == url
+        assert time.monotonic() - started < 5.0
+        for step in range(300, 600):
+            run.log({"x": float(step)})
+        assert ensure_local_server(data, port=port) == url
+        run.finish(timeout=20_000 * MS)
+        assert run.delivered
+    finally:
+        stop(data)
+    store = SQLiteStore(data / "trainwire.db")
+    assert store.metrics(run.id)[1]["x"].step == list(range(600))
+    assert store.integrity_check() == "ok"
+    store.close()
