@@ -29,6 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument(
         "--data", type=Path, default=env.data_dir, help="data directory (default %(default)s)"
     )
+    serve.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=env.heartbeat_timeout,
+        help="seconds with no trainer before a run is marked crashed (default %(default)s)",
+    )
     serve.add_argument("--port-fallback", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -54,7 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             from trainwire.server.runner import serve as run_server
 
-            settings = Settings(host=args.host, port=args.port, data_dir=args.data)
+            settings = Settings(
+                host=args.host,
+                port=args.port,
+                data_dir=args.data,
+                heartbeat_timeout=args.heartbeat_timeout,
+            )
             run_server(settings, port_fallback=args.port_fallback, ready_fd=args.ready_fd)
             return 0
         if args.command == "stop":

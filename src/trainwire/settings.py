@@ -55,7 +55,8 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Settings from ``TRAINWIRE_HOST``, ``TRAINWIRE_PORT`` and ``TRAINWIRE_DATA``.
+        """Settings from ``TRAINWIRE_HOST``, ``TRAINWIRE_PORT``, ``TRAINWIRE_DATA`` and
+        ``TRAINWIRE_HEARTBEAT_TIMEOUT``.
 
         Raises:
             ConfigError: a variable does not parse.
@@ -66,8 +67,16 @@ class Settings:
             port_number = int(port)
         except ValueError:
             raise ConfigError(f"TRAINWIRE_PORT must be a port number, not {port!r}") from None
+        timeout = env.get("TRAINWIRE_HEARTBEAT_TIMEOUT", "60")
+        try:
+            heartbeat_timeout = float(timeout)
+        except ValueError:
+            raise ConfigError(
+                f"TRAINWIRE_HEARTBEAT_TIMEOUT must be seconds, not {timeout!r}"
+            ) from None
         return cls(
             host=env.get("TRAINWIRE_HOST", DEFAULT_HOST),
             port=port_number,
             data_dir=default_data_dir(env),
+            heartbeat_timeout=heartbeat_timeout,
         )
