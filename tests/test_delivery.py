@@ -205,3 +205,28 @@ def test_sigterm_stops_the_server_in_seconds_and_its_successor_loses_nothing(
     assert store.metrics(run.id)[1]["x"].step == list(range(600))
     assert store.integrity_check() == "ok"
     store.close()
+
+
+def test_concurrent_trainers_and_ranks_never_corrupt_storage(live_server: LiveServer) -> None:
+    """Three runs and two ranks of a fourth, all writing at once over their own sockets."""
+    runs = [trainwire.init(project=f"p{i}", url=live_server.url) for i in range(3)]
+    runs += [trainwire.init(id="shared", ranks="all", rank=r, url=live_server.url) for r in (0, 1)]
+    start = threading.Barrier(len(runs))
+
+    def train(run: trainwire.Run) -> None:
+        start.wait()
+        for step in range(1500):
+            run.log({"x": float(step), "y": -float(step)})
+        run.finish(timeout=30_000 * MS)
+
+    threads = [threading.Thread(target=train, args=(run,)) for run in runs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(run.delivered for run in runs)
+    assert live_server.store.integrity_check() == "ok"
+    for run in runs[:3]:
+        assert stored_steps(live_server, run.id, "y") == list(range(1500))
+    for rank in (0, 1):
+        assert stored_steps(live_server, "shared", f"rank{rank}/x") == list(range(1500))
