@@ -16,6 +16,9 @@ from trainwire.server.runner import bind, server_url, uvicorn_config
 from trainwire.settings import Settings
 from trainwire.storage import SQLiteStore
 
+# The admin token of every LiveServer; the clients find it in TRAINWIRE_TOKEN.
+TOKEN = "live-server-token"
+
 # Every timeout in the suite is a multiple of this, scaled for slow CI machines.
 MS = 0.001 * float(os.environ.get("TRAINWIRE_TESTS_TIMEOUT_FACTOR", "1"))
 
@@ -36,6 +39,7 @@ def isolated_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Pat
         monkeypatch.delenv(variable, raising=False)
     data = tmp_path / "client-data"
     monkeypatch.setenv("TRAINWIRE_DATA", str(data))
+    monkeypatch.setenv("TRAINWIRE_TOKEN", TOKEN)
     return data
 
 
@@ -57,7 +61,10 @@ class LiveServer:
 
     def start(self) -> None:
         settings = Settings(
-            port=self.port, data_dir=self.data_dir, heartbeat_timeout=self.heartbeat_timeout
+            port=self.port,
+            data_dir=self.data_dir,
+            heartbeat_timeout=self.heartbeat_timeout,
+            token=TOKEN,
         )
         self.store = SQLiteStore(settings.db_path)
         # Bound here, before the thread starts: the port is known at once, and
@@ -81,6 +88,11 @@ class LiveServer:
     @property
     def ws_url(self) -> str:
         return self.url.replace("http://", "ws://")
+
+    @property
+    def auth(self) -> dict[str, str]:
+        """Headers that authenticate a raw client."""
+        return {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture

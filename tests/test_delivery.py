@@ -147,7 +147,9 @@ def test_a_trainer_killed_9_leaves_its_run_crashed_with_every_acked_point(
     server = LiveServer(data_dir=tmp_path / "server", heartbeat_timeout=0.5)
     server.start()
     try:
-        with connect(f"{server.ws_url}/ws/dashboard", open_timeout=5000 * MS) as dash:
+        with connect(
+            f"{server.ws_url}/ws/dashboard", additional_headers=server.auth, open_timeout=5000 * MS
+        ) as dash:
             dash.recv(5000 * MS)
             dash.recv(5000 * MS)
             trainer = subprocess.Popen(

@@ -17,8 +17,12 @@ from tests.conftest import MS, LiveServer
 
 def test_logged_points_reach_sqlite_and_a_dashboard_socket(live_server: LiveServer) -> None:
     run = trainwire.init(project="e2e", name="live", config={"lr": 0.1}, url=live_server.url)
-    assert run.url == f"{live_server.url}/?run={run.id}"
-    with connect(f"{live_server.ws_url}/ws/dashboard", open_timeout=5000 * MS) as dash:
+    assert run.url == f"{live_server.url}/?run={run.id}&token=live-server-token"
+    with connect(
+        f"{live_server.ws_url}/ws/dashboard",
+        additional_headers=live_server.auth,
+        open_timeout=5000 * MS,
+    ) as dash:
         assert json.loads(dash.recv(5000 * MS))["type"] == "hello"
         assert json.loads(dash.recv(5000 * MS))["type"] == "runs"
         dash.send(json.dumps({"type": "subscribe", "run": run.id, "after": 0}))

@@ -12,7 +12,7 @@ import platformdirs
 
 from trainwire.exceptions import ConfigError
 
-__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "Settings", "default_data_dir"]
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "Limits", "Settings", "default_data_dir", "is_loopback"]
 
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 8765
@@ -28,6 +28,29 @@ def default_data_dir(env: Mapping[str, str] | None = None) -> Path:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What one client may send. Each cap gives the offender a clear error and
+    closes only its connection.
+
+    Attributes:
+        max_frame_bytes: the largest WebSocket frame from a trainer.
+        max_rows_per_batch: rows (steps) in one batch.
+        max_key_length: characters in a metric key.
+        max_series_per_run: distinct metric keys in one run.
+        max_new_runs_per_minute: runs one token (or, without auth, one address)
+            may create per minute.
+        max_connections_per_address: open WebSockets from one client address.
+    """
+
+    max_frame_bytes: int = 16 * 1024 * 1024
+    max_rows_per_batch: int = 10_000
+    max_key_length: int = 200
+    max_series_per_run: int = 10_000
+    max_new_runs_per_minute: int = 60
+    max_connections_per_address: int = 256
+
+
+@dataclass(frozen=True)
 class Settings:
     """Server settings.
 
@@ -35,19 +58,38 @@ class Settings:
         host: the address to bind; loopback by default.
         port: the port; 0 picks a free one.
         data_dir: holds ``trainwire.db`` and the ``server.json`` discovery file.
-        max_frame_bytes: the largest WebSocket frame accepted from a trainer.
         dashboard_queue: live events held per dashboard before it is caught up
             from storage instead.
         heartbeat_timeout: a running run with no trainer connected for this many
             seconds is marked ``crashed``.
+        token: the server's admin token; None: the one kept in ``data_dir/token``,
+            made on first start.
+        auth: False turns authentication off (refused on a non-loopback address).
+        certfile, keyfile: serve https and wss.
+        allowed_origins: origins allowed to open dashboard sockets besides the
+            server's own (a reverse proxy's public origin).
+        limits: caps on what one client may send.
     """
 
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     data_dir: Path = field(default_factory=default_data_dir)
-    max_frame_bytes: int = 16 * 1024 * 1024
     dashboard_queue: int = 1024
     heartbeat_timeout: float = 60.0
+    token: str | None = None
+    auth: bool = True
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    allowed_origins: tuple[str, ...] = ()
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def token_path(self) -> Path:
+        return self.data_dir / "token"
+
+    @property
+    def tls(self) -> bool:
+        return self.certfile is not None
 
     @property
     def db_path(self) -> Path:
@@ -79,4 +121,17 @@ class Settings:
             port=port_number,
             data_dir=default_data_dir(env),
             heartbeat_timeout=heartbeat_timeout,
+            token=env.get("TRAINWIRE_TOKEN") or None,
         )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) is this machine only."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -11,16 +11,25 @@ from starlette.testclient import WebSocketTestSession
 
 from trainwire.protocol.messages import PROTOCOL_VERSION, Hello, RunSpec, ServerToTrainer
 from trainwire.server.app import create_app
-from trainwire.settings import Settings
+from trainwire.settings import Limits, Settings
 
 SPEC = RunSpec(id="run-1", project="digits", name="cnn", config={"lr": 0.003})
 
 
+ADMIN_TOKEN = "test-admin-token"
+
+
+def app_settings(tmp_path: Path, **limits: int) -> Settings:
+    return Settings(
+        data_dir=tmp_path, token=ADMIN_TOKEN, limits=Limits(max_frame_bytes=64 * 1024, **limits)
+    )
+
+
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[TestClient]:
-    """The app in-process: no port, no thread of our own."""
-    app = create_app(Settings(data_dir=tmp_path, max_frame_bytes=64 * 1024))
-    with TestClient(app) as test_client:
+    """The app in-process: no port, no thread of our own; requests carry the admin token."""
+    app = create_app(app_settings(tmp_path))
+    with TestClient(app, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as test_client:
         yield test_client
 
 

@@ -36,13 +36,26 @@ _LAUNCHER: Final = (
 
 
 def is_trainwire(url: str, timeout: float = 2.0) -> bool:
-    """Whether a trainwire server answers at ``url`` (``http://host:port``)."""
+    """Whether a trainwire server answers at ``url`` (``http://host:port``): one that
+    says so on ``/api/health``, or asks for a trainwire token there."""
     try:
         with urllib.request.urlopen(f"{url}/api/health", timeout=timeout) as response:
             body = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        realm = exc.headers.get("www-authenticate", "")
+        exc.close()
+        return exc.code == 401 and 'realm="trainwire"' in realm
     except (OSError, ValueError):
         return False
     return isinstance(body, dict) and body.get("app") == "trainwire"
+
+
+def local_token(data_dir: Path) -> str | None:
+    """The local server's admin token, made on its first start."""
+    try:
+        return (data_dir / "token").read_text().strip() or None
+    except OSError:
+        return None
 
 
 def read_discovery(data_dir: Path) -> str | None:
@@ -67,9 +80,11 @@ def ensure_local_server(data_dir: Path, port: int = DEFAULT_PORT, timeout: float
     url = read_discovery(data_dir)
     if url is not None and is_trainwire(url):
         return url
-    data_dir.mkdir(parents=True, exist_ok=True)
+    # Private: the folder holds the token, and the log prints the link carrying it.
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     read_end, write_end = os.pipe()
-    log = open(data_dir / "server.log", "ab")  # noqa: SIM115 - handed to the child
+    log_fd = os.open(data_dir / "server.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    log = os.fdopen(log_fd, "ab")
     try:
         command = [
             sys.executable,

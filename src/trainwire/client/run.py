@@ -20,18 +20,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Literal
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 import msgspec
 
 from trainwire import __version__
-from trainwire.client.local import ensure_local_server
+from trainwire.client.local import ensure_local_server, local_token
 from trainwire.client.sender import LoggedRow, Sender
 from trainwire.client.spool import SpillingOutbox, new_header
 from trainwire.exceptions import ConfigError
 from trainwire.protocol.messages import FinishStatus, RunSpec
 from trainwire.protocol.session import ClientSession
-from trainwire.settings import DEFAULT_PORT, default_data_dir
+from trainwire.settings import DEFAULT_PORT, default_data_dir, is_loopback
 
 __all__ = ["Run", "RunState", "finish", "init", "log"]
 
@@ -73,6 +73,7 @@ class Run:
         max_memory_rows: int = DEFAULT_MEMORY_ROWS,
         max_disk_bytes: int = DEFAULT_DISK_BYTES,
         enabled: bool = True,
+        token: str | None = None,
     ) -> None:
         self.id = spec.id
         self.project = spec.project
@@ -80,7 +81,12 @@ class Run:
         self.config = spec.config
         self.rank = rank
         self.server_url = server_url.rstrip("/") if server_url else None
-        self.url = f"{self.server_url}/?run={quote(self.id)}" if self.server_url else None
+        self.url: str | None = None
+        if self.server_url:
+            # The link carries the token, as Jupyter's does: the page moves it to a
+            # cookie at once, out of the address bar and history.
+            query = {"run": self.id, **({"token": token} if token else {})}
+            self.url = f"{self.server_url}/?{urlencode(query, quote_via=quote)}"
         self.state = RunState.RUNNING if enabled else RunState.DETACHED
         self._next_step = 0
         self._dropped_calls = 0
@@ -107,6 +113,7 @@ class Run:
             self._queue,
             _ingest_url(self.server_url) if self.server_url else None,
             flush_interval=flush_interval,
+            token=token,
         )
         if enabled:
             self._sender.start()
@@ -217,11 +224,23 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _ingest_url(server_url: str) -> str:
+def _ingest_url(server_url: str, insecure: bool = True) -> str:
+    """The trainer endpoint of a server URL.
+
+    Raises:
+        ConfigError: not http(s), or plain http to another machine without
+            ``insecure`` (the token and every metric would cross the network in
+            clear text).
+    """
     parts = urlsplit(server_url)
     scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme)
     if scheme is None:
         raise ConfigError(f"TRAINWIRE_URL must start with http:// or https://, not {server_url!r}")
+    if scheme == "ws" and not insecure and not is_loopback(parts.hostname or ""):
+        raise ConfigError(
+            f"refusing plain {parts.scheme}:// to {parts.hostname}: use https://, or pass "
+            "insecure=True (TRAINWIRE_INSECURE=1) if the network is trusted"
+        )
     return f"{scheme}://{parts.netloc}{parts.path.rstrip('/')}/ws/ingest"
 
 
@@ -267,6 +286,8 @@ def init(
     ranks: Literal["zero", "all"] = "zero",
     rank: int | None = None,
     url: str | None = None,
+    token: str | None = None,
+    insecure: bool | None = None,
     flush_interval: float = 0.02,
     max_memory_rows: int = DEFAULT_MEMORY_ROWS,
     max_disk_bytes: int = DEFAULT_DISK_BYTES,
@@ -288,6 +309,11 @@ def init(
         rank: this process's rank; default ``RANK`` from the environment.
         url: the server, ``http(s)://host:port``; else ``TRAINWIRE_URL``; else the
             user's local server, started in the background if none answers.
+        token: the server's token; else ``TRAINWIRE_TOKEN``; for the local server,
+            the one in its data directory.
+        insecure: allow plain http/ws to a host other than this machine (else
+            ``TRAINWIRE_INSECURE=1``). Certificates of https servers are always
+            verified, against ``TRAINWIRE_CA`` when set.
         flush_interval: the longest a logged point waits before it is sent.
         max_memory_rows: rows held in memory while the server is unreachable,
             before spilling to the run's file.
@@ -335,14 +361,28 @@ def init(
     elif mode == "offline":
         run = Run(spec, None, rank=rank if ranks == "all" else None, **options)
     else:
-        server = url or os.environ.get("TRAINWIRE_URL")
-        if not server:
-            port = int(os.environ.get("TRAINWIRE_PORT", DEFAULT_PORT))
-            server = ensure_local_server(data_dir, port=port)
-        _ingest_url(server)  # validate before starting a thread
-        run = Run(spec, server, rank=rank if ranks == "all" else None, **options)
+        server, token = resolve_server(url, token, data_dir)
+        if insecure is None:
+            insecure = os.environ.get("TRAINWIRE_INSECURE", "") not in ("", "0")
+        _ingest_url(server, insecure)  # validate before starting a thread
+        run = Run(spec, server, rank=rank if ranks == "all" else None, token=token, **options)
     _current = run
     return run
+
+
+def resolve_server(url: str | None, token: str | None, data_dir: Path) -> tuple[str, str | None]:
+    """The server to talk to, and the token to show it.
+
+    The local server's token (in its data directory) is only ever sent to the local
+    server: a token meant for one server must never travel to another.
+    """
+    token = token or os.environ.get("TRAINWIRE_TOKEN") or None
+    server = url or os.environ.get("TRAINWIRE_URL")
+    if server:
+        return server, token
+    port = int(os.environ.get("TRAINWIRE_PORT", DEFAULT_PORT))
+    server = ensure_local_server(data_dir, port=port)
+    return server, token or local_token(data_dir)
 
 
 def log(metrics: Mapping[str, Any], step: int | None = None) -> None:

@@ -9,7 +9,9 @@ thread.
 from __future__ import annotations
 
 import logging
+import os
 import random
+import ssl
 import threading
 import time
 from collections import deque
@@ -39,6 +41,11 @@ PING_INTERVAL: Final = 2.0
 PING_TIMEOUT: Final = 4.0
 
 
+def tls_context() -> ssl.SSLContext:
+    """Certificates verified, against ``TRAINWIRE_CA`` when set, else the system's."""
+    return ssl.create_default_context(cafile=os.environ.get("TRAINWIRE_CA") or None)
+
+
 class Sender(threading.Thread):
     """Delivers a run's rows until :meth:`close` and acknowledgement, or a deadline.
 
@@ -58,12 +65,14 @@ class Sender(threading.Thread):
         url: str | None,
         *,
         flush_interval: float = 0.02,
+        token: str | None = None,
     ) -> None:
         super().__init__(name=f"trainwire-sender-{session.run.id}", daemon=True)
         self.session = session
         self.queue = queue
         self.url = url
         self.flush_interval = flush_interval
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.dropped_rows = 0
         self.dropped_values = 0
         self._closing = threading.Event()
@@ -140,6 +149,8 @@ class Sender(threading.Thread):
         self._drain()
         with connect(
             url,
+            additional_headers=self.headers,
+            ssl=tls_context() if url.startswith("wss:") else None,
             open_timeout=_OPEN_TIMEOUT,
             ping_interval=PING_INTERVAL,
             ping_timeout=PING_TIMEOUT,

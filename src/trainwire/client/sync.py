@@ -23,7 +23,9 @@ def run_files(path: Path) -> list[Path]:
     return sorted(path.rglob("*.twrun")) if path.is_dir() else [path]
 
 
-def upload(path: Path, server_url: str, timeout: float = 60.0) -> tuple[str, int, bool]:
+def upload(
+    path: Path, server_url: str, timeout: float = 60.0, token: str | None = None
+) -> tuple[str, int, bool]:
     """Send one run file to a server and wait for every item to be acknowledged.
 
     Returns:
@@ -43,7 +45,7 @@ def upload(path: Path, server_url: str, timeout: float = 60.0) -> tuple[str, int
         outbox=outbox,
         next_seq=(outbox.last_seq or 0) + 1,
     )
-    sender = Sender(session, deque(), _ingest_url(server_url))
+    sender = Sender(session, deque(), _ingest_url(server_url), token=token)
     sender.start()
     sender.close(None, timeout)
     sender.join(timeout + 1.0)

@@ -243,6 +243,21 @@ function onRun(info) {
   if (info === null || typeof info !== "object" || typeof info.id !== "string") {
     throw new TypeError("run message without a RunInfo");
   }
+  if (info.status === "deleted") {
+    // Deleted by an admin: forget it; if it was on screen, show the empty state.
+    runs.delete(info.id);
+    subscribed.delete(info.id);
+    delete state.series[info.id];
+    delete state.lastSeq[info.id];
+    renderRunList();
+    if (selected === info.id) {
+      selected = null;
+      clearCharts();
+      renderHeader();
+      renderEmptyState();
+    }
+    return;
+  }
   runs.set(info.id, info);
   renderRunList();
   if (selected === null) select(info.id); // the first run to appear

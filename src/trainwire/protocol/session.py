@@ -227,10 +227,20 @@ class ServerSession:
     :meth:`committed`, which queue the reply for :meth:`frames_to_send`.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        max_rows_per_batch: int = 10_000,
+        max_key_length: int = 200,
+        max_series_per_run: int = 10_000,
+    ) -> None:
         self.run: RunSpec | None = None
         self.hello: Hello | None = None
         self.last_seq = 0
+        self.max_rows_per_batch = max_rows_per_batch
+        self.max_key_length = max_key_length
+        self.max_series_per_run = max_series_per_run
+        self._known_keys: set[str] = set()
         self._replies: list[bytes] = []
 
     def receive_frame(self, data: bytes) -> TrainerToServer | None:
@@ -265,13 +275,40 @@ class ServerSession:
                     # Resent after a reconnect, and already stored: acknowledge only.
                     self._replies.append(_encoder.encode(Ack(seq=seq)))
                     return None
+                if isinstance(message, Batch):
+                    self._check_batch(message)
                 return message
             case _:
                 assert_never(message)
 
-    def run_opened(self, hello: Hello, last_seq: int) -> None:
+    def _check_batch(self, batch: Batch) -> None:
+        if len(batch.rows) > self.max_rows_per_batch:
+            raise ProtocolError(
+                f"batch of {len(batch.rows)} rows exceeds {self.max_rows_per_batch}", code=1008
+            )
+        known = self._known_keys
+        for _, _, values in batch.rows:
+            for key in values:
+                if key not in known:  # each key is checked once per connection
+                    self._check_new_key(key)
+
+    def _check_new_key(self, key: str) -> None:
+        if not key or len(key) > self.max_key_length:
+            raise ProtocolError(
+                f"metric keys must have 1 to {self.max_key_length} characters", code=1008
+            )
+        if not key.isprintable():
+            raise ProtocolError(f"metric key {key[:40]!r} has control characters", code=1008)
+        if len(self._known_keys) >= self.max_series_per_run:
+            raise ProtocolError(
+                f"run has more than {self.max_series_per_run} metric keys", code=1008
+            )
+        self._known_keys.add(key)
+
+    def run_opened(self, hello: Hello, last_seq: int, keys: Iterable[str] = ()) -> None:
         """The run and stream named in ``hello`` are open in storage, holding batches
-        up to ``last_seq``."""
+        up to ``last_seq``, and the metric ``keys`` (as this writer names them)."""
+        self._known_keys = set(keys)
         self.hello = hello
         self.run = hello.run
         self.last_seq = last_seq

@@ -6,6 +6,7 @@ the protocol says); the pydantic models below exist to describe them in OpenAPI.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import msgspec
@@ -16,7 +17,8 @@ from starlette.concurrency import run_in_threadpool
 
 from trainwire import __version__
 from trainwire.protocol.columns import spelled
-from trainwire.protocol.messages import PROTOCOL_VERSION
+from trainwire.protocol.messages import PROTOCOL_VERSION, RunInfo
+from trainwire.server.bus import Bus, RunChanged
 from trainwire.storage import Store
 
 __all__ = ["router"]
@@ -105,3 +107,18 @@ async def get_metrics(
     wanted = [k for k in keys.split(",") if k] if keys else None
     _, series = await run_in_threadpool(store.metrics, run_id, wanted, 0)
     return _json(spelled(series))
+
+
+@router.delete(
+    "/runs/{run_id}",
+    status_code=204,
+    responses={404: {"description": "No such run"}, 403: {"description": "Needs admin scope"}},
+    summary="Delete a run and its points (admin scope)",
+)
+async def delete_run(request: Request, run_id: str) -> Response:
+    store = _store(request)
+    if not await run_in_threadpool(store.delete_run, run_id):
+        raise HTTPException(404, f"no run {run_id!r}")
+    bus: Bus = request.app.state.bus
+    await bus.publish(RunChanged(RunInfo(run_id, "", "", "deleted", 0.0, time.time(), {})))
+    return Response(status_code=204)

@@ -14,12 +14,15 @@ from starlette.staticfiles import StaticFiles
 
 from trainwire import __version__
 from trainwire.server.api import router
+from trainwire.server.auth import Authenticator, AuthMiddleware, SecurityHeadersMiddleware
 from trainwire.server.bus import Bus, MemoryBus, RunChanged
 from trainwire.server.fanout import serve_dashboard
 from trainwire.server.ingest import serve_trainer
+from trainwire.server.limits import ConnectionLimitMiddleware, RateLimiter
 from trainwire.server.watch import RunWatch
 from trainwire.settings import Settings
 from trainwire.storage import SQLiteStore, Store
+from trainwire.storage.tokens import TokenStore
 
 __all__ = ["create_app", "reap_crashed_runs"]
 
@@ -52,10 +55,14 @@ def create_app(
     The store and bus are opened and closed by the app's lifespan.
     """
 
+    authenticator = Authenticator(admin_token=settings.token, enabled=settings.auth)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.store = store if store is not None else SQLiteStore(settings.db_path)
         app.state.bus = bus if bus is not None else MemoryBus()
+        tokens = TokenStore(settings.db_path)
+        authenticator.lookup = tokens.scope_of
         app.state.watch = RunWatch(settings.heartbeat_timeout, time.time())
         reaper = asyncio.create_task(
             reap_crashed_runs(app.state.store, app.state.bus, app.state.watch)
@@ -68,19 +75,26 @@ def create_app(
                 await reaper
             await app.state.bus.close()
             app.state.store.close()
+            authenticator.lookup = None
+            tokens.close()
 
     app = FastAPI(
         title="trainwire",
         version=__version__,
         summary="Live training metrics over WebSockets.",
         lifespan=lifespan,
+        # FastAPI's /docs and /redoc pages load their scripts from a CDN: no use on an
+        # offline cluster, and against our Content-Security-Policy. /openapi.json stays.
+        docs_url=None,
+        redoc_url=None,
     )
     app.include_router(router)
+    new_runs = RateLimiter(settings.limits.max_new_runs_per_minute)
 
     @app.websocket("/ws/ingest")
     async def ingest(ws: WebSocket) -> None:
         await serve_trainer(
-            ws, app.state.store, app.state.bus, app.state.watch, settings.max_frame_bytes
+            ws, app.state.store, app.state.bus, app.state.watch, settings.limits, new_runs
         )
 
     @app.websocket("/ws/dashboard")
@@ -91,4 +105,14 @@ def create_app(
 
     # Last, so that it never shadows the API: the dashboard ships inside the package.
     app.mount("/", StaticFiles(packages=[("trainwire", "dashboard")], html=True), name="dashboard")
+    # Outermost first: headers on every answer, refusals included; then the
+    # connection cap, then authentication.
+    app.add_middleware(
+        AuthMiddleware,
+        authenticator=authenticator,
+        allowed_origins=settings.allowed_origins,
+        secure_cookie=settings.tls,
+    )
+    app.add_middleware(ConnectionLimitMiddleware, limit=settings.limits.max_connections_per_address)
+    app.add_middleware(SecurityHeadersMiddleware)
     return app

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -13,7 +14,9 @@ from trainwire.protocol.columns import series_from_rows, spelled
 from trainwire.protocol.messages import Batch, Finish, Hello, Points, encode_json
 from trainwire.protocol.session import ServerSession
 from trainwire.server.bus import Bus, PointsCommitted, RunChanged
+from trainwire.server.limits import RateLimiter, client_address
 from trainwire.server.watch import RunWatch
+from trainwire.settings import Limits
 from trainwire.storage import Store
 
 __all__ = ["serve_trainer"]
@@ -22,7 +25,7 @@ logger = logging.getLogger("trainwire.server")
 
 
 async def serve_trainer(
-    ws: WebSocket, store: Store, bus: Bus, watch: RunWatch, max_frame_bytes: int
+    ws: WebSocket, store: Store, bus: Bus, watch: RunWatch, limits: Limits, new_runs: RateLimiter
 ) -> None:
     """Run one trainer connection until it closes.
 
@@ -30,21 +33,32 @@ async def serve_trainer(
     of it, so an acknowledged point is always on disk and always replayable.
     """
     await ws.accept()
-    session = ServerSession()
+    session = ServerSession(
+        max_rows_per_batch=limits.max_rows_per_batch,
+        max_key_length=limits.max_key_length,
+        max_series_per_run=limits.max_series_per_run,
+    )
+    # Runs are rate-limited per token, or per address when authentication is off.
+    principal = str(ws.scope.get("trainwire.principal") or client_address(ws.scope))
+    context = _Context(store, bus, watch, new_runs, principal)
     try:
-        await _serve(ws, session, store, bus, watch, max_frame_bytes)
+        await _serve(ws, session, context, limits.max_frame_bytes)
     finally:
         if session.run is not None:
-            watch.disconnected(session.run.id, time.time())
+            context.watch.disconnected(session.run.id, time.time())
+
+
+@dataclass
+class _Context:
+    store: Store
+    bus: Bus
+    watch: RunWatch
+    new_runs: RateLimiter
+    principal: str
 
 
 async def _serve(
-    ws: WebSocket,
-    session: ServerSession,
-    store: Store,
-    bus: Bus,
-    watch: RunWatch,
-    max_frame_bytes: int,
+    ws: WebSocket, session: ServerSession, context: _Context, max_frame_bytes: int
 ) -> None:
     try:
         while True:
@@ -56,7 +70,7 @@ async def _serve(
                 raise ProtocolError("trainer frames must be binary msgpack, not text")
             if len(data) > max_frame_bytes:
                 raise ProtocolError(f"frame of {len(data)} bytes exceeds {max_frame_bytes}", 1009)
-            await _handle(session, session.receive_frame(data), store, bus, watch)
+            await _handle(session, session.receive_frame(data), context)
             for frame in session.frames_to_send():
                 await ws.send_bytes(frame)
     except ProtocolError as exc:
@@ -67,19 +81,25 @@ async def _serve(
 
 
 async def _handle(
-    session: ServerSession,
-    message: Hello | Batch | Finish | None,
-    store: Store,
-    bus: Bus,
-    watch: RunWatch,
+    session: ServerSession, message: Hello | Batch | Finish | None, context: _Context
 ) -> None:
+    store, bus = context.store, context.bus
     match message:
         case None:
             return
-        case Hello(run=spec, stream=stream):
+        case Hello(run=spec, stream=stream, rank=rank):
+            if await run_in_threadpool(store.get_run, spec.id) is None and not (
+                context.new_runs.allow(context.principal, time.time())
+            ):
+                limit = context.new_runs.limit
+                raise ProtocolError(f"more than {limit} new runs a minute", code=1008)
             last_seq = await run_in_threadpool(store.open_run, spec, stream, time.time())
-            session.run_opened(message, last_seq)
-            watch.connected(spec.id)
+            prefix = "" if rank is None else f"rank{rank}/"
+            keys = await run_in_threadpool(store.keys, spec.id)
+            session.run_opened(
+                message, last_seq, [k.removeprefix(prefix) for k in keys if k.startswith(prefix)]
+            )
+            context.watch.connected(spec.id)
             run = await run_in_threadpool(store.get_run, spec.id)
             if run is not None:
                 await bus.publish(RunChanged(run))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
@@ -22,9 +23,19 @@ from starlette.types import ASGIApp
 from trainwire import __version__
 from trainwire.exceptions import ConfigError
 from trainwire.server.app import create_app
-from trainwire.settings import Settings
+from trainwire.settings import Settings, is_loopback
+from trainwire.storage.tokens import new_secret
 
-__all__ = ["AlreadyServing", "bind", "serve", "server_url", "stop", "uvicorn_config"]
+__all__ = [
+    "AlreadyServing",
+    "admin_token",
+    "bind",
+    "check_exposure",
+    "serve",
+    "server_url",
+    "stop",
+    "uvicorn_config",
+]
 
 logger = logging.getLogger("trainwire.server")
 
@@ -42,11 +53,46 @@ class AlreadyServing(ConfigError):
         self.url = url
 
 
-def server_url(sock: socket.socket) -> str:
+def server_url(sock: socket.socket, tls: bool = False) -> str:
     host, port = sock.getsockname()[:2]
     if host in ("0.0.0.0", "::"):
         host = "127.0.0.1"
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    scheme = "https" if tls else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+def admin_token(settings: Settings) -> str | None:
+    """The server's admin token: the one given, else the one in ``data_dir/token``,
+    made (readable by its owner alone) on first start. None with auth off."""
+    if not settings.auth:
+        return None
+    if settings.token:
+        return settings.token
+    path = settings.token_path
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = new_secret()
+    # O_EXCL with mode 0600: never a moment when another user could read it.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(token + "\n")
+    return token
+
+
+def check_exposure(settings: Settings) -> None:
+    """Refuse to serve without authentication anywhere but loopback.
+
+    Raises:
+        ConfigError: auth is off and the host is not a loopback address.
+    """
+    if not settings.auth and not is_loopback(settings.host):
+        raise ConfigError(
+            f"refusing to serve {settings.host} without authentication: anyone who can "
+            "reach it could read and write every run; drop --no-auth, or bind 127.0.0.1"
+        )
 
 
 def bind(host: str, port: int, *, fallback: bool = False) -> socket.socket:
@@ -102,21 +148,33 @@ def serve(settings: Settings, *, port_fallback: bool = False, ready_fd: int | No
         AlreadyServing: another server holds ``settings.data_dir``.
         ConfigError: the address cannot be bound.
     """
+    # From the first moment: a SIGTERM during startup must unwind too, or the
+    # discovery file and the lock would be left behind.
+    with _sigterm_unwinds():
+        _serve(settings, port_fallback, ready_fd)
+
+
+def _serve(settings: Settings, port_fallback: bool, ready_fd: int | None) -> None:
     try:
+        check_exposure(settings)
         with _data_dir_lock(settings.data_dir):
+            settings = dataclasses.replace(settings, token=admin_token(settings))
             sock = bind(settings.host, settings.port, fallback=port_fallback)
-            url = server_url(sock)
+            url = server_url(sock, tls=settings.tls)
             discovery = settings.data_dir / DISCOVERY_FILE
             discovery.write_text(
                 json.dumps({"url": url, "pid": os.getpid(), "version": __version__})
             )
             logger.info("trainwire %s serving %s at %s", __version__, settings.data_dir, url)
+            # As Jupyter does: the URL to open carries the token; the page then keeps
+            # it in a cookie, out of the address bar.
+            link = f"{url}/?token={settings.token}" if settings.token else url
+            print(f"trainwire dashboard: {link}", flush=True)
             _signal_ready(ready_fd, url)
             ready_fd = None
             try:
                 server = uvicorn.Server(uvicorn_config(create_app(settings), settings))
-                with _sigterm_unwinds():
-                    server.run(sockets=[sock])
+                server.run(sockets=[sock])
             finally:
                 with contextlib.suppress(OSError):
                     discovery.unlink()
@@ -135,8 +193,10 @@ def uvicorn_config(app: ASGIApp, settings: Settings) -> uvicorn.Config:
     """The uvicorn configuration for serving ``app``, built from ``settings``."""
     return uvicorn.Config(
         app,
+        ssl_certfile=settings.certfile,
+        ssl_keyfile=settings.keyfile,
         ws="websockets-sansio",
-        ws_max_size=settings.max_frame_bytes,
+        ws_max_size=settings.limits.max_frame_bytes,
         # Dead trainer and dashboard connections are dropped within 15 s.
         ws_ping_interval=5.0,
         ws_ping_timeout=10.0,

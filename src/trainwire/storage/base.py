@@ -50,6 +50,10 @@ class Store(Protocol):
         """Every stream of the run still running has vanished: the run crashed."""
         ...
 
+    def delete_run(self, run_id: str) -> bool:
+        """Delete a run and all its points; False if there was none."""
+        ...
+
     def running_runs(self) -> list[str]:
         """Ids of the runs whose status is ``running``."""
         ...

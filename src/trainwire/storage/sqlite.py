@@ -16,7 +16,7 @@ from trainwire.storage.base import Commit
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
 # Each entry upgrades the schema from version i to i + 1.
 _MIGRATIONS: Final = [
@@ -57,6 +57,18 @@ _MIGRATIONS: Final = [
         value     REAL
     );
     CREATE INDEX points_by_series_seq ON points (series_id, seq);
+    """,
+    """
+    -- Share tokens made by `trainwire token create`; only their SHA-256 is kept.
+    CREATE TABLE tokens (
+        id      TEXT PRIMARY KEY,
+        hash    TEXT NOT NULL UNIQUE,
+        scope   TEXT NOT NULL,
+        created REAL NOT NULL,
+        expires REAL,
+        revoked INTEGER NOT NULL DEFAULT 0,
+        note    TEXT NOT NULL DEFAULT ''
+    );
     """,
 ]
 
@@ -178,6 +190,18 @@ class SQLiteStore:
                 (RunStatus.CRASHED, run_id, RunStatus.RUNNING),
             )
             return self._settle_status(run_id, now)
+
+    def delete_run(self, run_id: str) -> bool:
+        with self._lock, self._transaction():
+            self._db.execute(
+                "DELETE FROM points WHERE series_id IN (SELECT id FROM series WHERE run_id = ?)",
+                (run_id,),
+            )
+            self._db.execute("DELETE FROM series WHERE run_id = ?", (run_id,))
+            self._db.execute("DELETE FROM streams WHERE run_id = ?", (run_id,))
+            deleted = self._db.execute("DELETE FROM runs WHERE id = ?", (run_id,)).rowcount > 0
+        self._series_ids = {k: v for k, v in self._series_ids.items() if k[0] != run_id}
+        return deleted
 
     def running_runs(self) -> list[str]:
         with self._lock:

@@ -1,0 +1,259 @@
+"""Who may do what: tokens, scopes, and the checks every request passes first.
+
+Scopes are ordered: ``read`` (dashboards, REST reads) < ``write`` (trainers; a
+trainer's user may also watch) < ``admin`` (deleting runs). A token arrives as
+``Authorization: Bearer <token>``, as a ``token`` query parameter (the browser's
+first request; the page is then redirected without it, the token moving to an
+HttpOnly, SameSite=Strict cookie, so it stays out of the address bar, history and
+logs), or as that cookie.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.cookies import SimpleCookie
+from typing import Final
+from urllib.parse import parse_qsl, urlencode
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = [
+    "COOKIE",
+    "AccessScope",
+    "Authenticator",
+    "AuthMiddleware",
+    "SecurityHeadersMiddleware",
+    "required_scope",
+]
+
+COOKIE: Final = "trainwire_token"
+
+# No inline script, nothing from anywhere but this server: a script injected through
+# a run or metric name has nowhere to run and nowhere to send anything.
+CONTENT_SECURITY_POLICY: Final = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "img-src 'self' data:; font-src 'self'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
+)
+
+
+class AccessScope(enum.IntEnum):
+    READ = 1
+    WRITE = 2
+    ADMIN = 3
+
+    @classmethod
+    def parse(cls, name: str) -> AccessScope:
+        try:
+            return cls[name.upper()]
+        except KeyError:
+            raise ValueError(f"unknown scope {name!r}: read, write or admin") from None
+
+
+ScopeLookup = Callable[[str, float], str | None]
+
+
+@dataclass
+class Authenticator:
+    """Decides the scope a token grants.
+
+    Args:
+        admin_token: the server's own token (``--token``, ``TRAINWIRE_TOKEN``, or the
+            one made on first start); None with authentication off.
+        lookup: finds share tokens made by ``trainwire token create``.
+        enabled: False lets every request through with ``admin`` scope (only on
+            loopback: the server refuses anything else).
+    """
+
+    admin_token: str | None
+    lookup: ScopeLookup | None = None
+    enabled: bool = True
+
+    def scope_of(self, token: str | None, now: float) -> AccessScope | None:
+        if not self.enabled:
+            return AccessScope.ADMIN
+        if not token:
+            return None
+        if self.admin_token is not None and hmac.compare_digest(
+            token.encode(), self.admin_token.encode()
+        ):
+            return AccessScope.ADMIN
+        if self.lookup is not None:
+            scope = self.lookup(token, now)
+            if scope is not None:
+                return AccessScope.parse(scope)
+        return None
+
+
+def required_scope(kind: str, method: str, path: str) -> AccessScope:
+    """The scope a request needs: writes for trainers, admin for deletions, else read."""
+    if kind == "websocket":
+        return AccessScope.WRITE if path == "/ws/ingest" else AccessScope.READ
+    if method == "DELETE":
+        return AccessScope.ADMIN
+    return AccessScope.READ
+
+
+class AuthMiddleware:
+    """Pure ASGI middleware: every HTTP route and WebSocket endpoint checks the token,
+    and dashboard WebSockets their Origin.
+
+    Args:
+        allowed_origins: origins allowed besides the server's own (a reverse proxy's).
+        secure_cookie: mark the cookie Secure (the server speaks https).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        authenticator: Authenticator,
+        *,
+        allowed_origins: tuple[str, ...] = (),
+        secure_cookie: bool = False,
+    ) -> None:
+        self.app = app
+        self.authenticator = authenticator
+        self.allowed_origins = allowed_origins
+        self.secure_cookie = secure_cookie
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        query = parse_qsl(scope.get("query_string", b"").decode(), keep_blank_values=True)
+        from_query = next((v for k, v in query if k == "token"), None)
+        token = _bearer(headers) or from_query or _cookie(headers)
+        granted = self.authenticator.scope_of(token, time.time())
+        needed = required_scope(kind, scope.get("method", "GET"), scope["path"])
+        if token and granted is not None:
+            # Who to rate-limit: the token (its digest, never the token itself).
+            scope["trainwire.principal"] = hashlib.sha256(token.encode()).hexdigest()[:16]
+        if kind == "websocket":
+            origin = headers.get("origin")
+            if origin is not None and not self._origin_allowed(origin, headers, scope):
+                await _refuse_websocket(receive, send, 4403, f"origin {origin} is not allowed")
+                return
+            if granted is None or granted < needed:
+                code, reason = _refusal(token, granted, needed)
+                await _refuse_websocket(receive, send, code + 4000, reason)
+                return
+            await self.app(scope, receive, send)
+            return
+        if granted is None or granted < needed:
+            code, reason = _refusal(token, granted, needed)
+            await _refuse_http(send, code, reason)
+            return
+        if from_query is not None and not scope["path"].startswith("/api/"):
+            # A browser arriving with ?token=: keep the token in a cookie, not the URL.
+            rest = urlencode([(k, v) for k, v in query if k != "token"])
+            location = scope["path"] + (f"?{rest}" if rest else "")
+            await self._redirect_with_cookie(send, location, from_query)
+            return
+        await self.app(scope, receive, send)
+
+    def _origin_allowed(self, origin: str, headers: Headers, scope: Scope) -> bool:
+        # Cross-site WebSocket hijacking: a page elsewhere could open our socket with
+        # the user's cookie. Only our own pages (and configured proxies) may.
+        scheme = "https" if scope.get("scheme") in ("https", "wss") else "http"
+        own = f"{scheme}://{headers.get('host', '')}"
+        return origin == own or origin in self.allowed_origins
+
+    async def _redirect_with_cookie(self, send: Send, location: str, token: str) -> None:
+        cookie = f"{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict"
+        if self.secure_cookie:
+            cookie += "; Secure"
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 303,
+                "headers": [
+                    (b"location", location.encode()),
+                    (b"set-cookie", cookie.encode()),
+                    (b"cache-control", b"no-store"),
+                    (b"content-length", b"0"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": b""})
+
+
+class SecurityHeadersMiddleware:
+    """Adds the security headers to every HTTP response."""
+
+    HEADERS: Final = [
+        (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
+        (b"x-content-type-options", b"nosniff"),
+        (b"referrer-policy", b"no-referrer"),
+        (b"x-frame-options", b"DENY"),
+    ]
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *self.HEADERS]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def _bearer(headers: Headers) -> str | None:
+    value = headers.get("authorization", "")
+    scheme, _, token = value.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+def _cookie(headers: Headers) -> str | None:
+    raw = headers.get("cookie")
+    if not raw:
+        return None
+    cookie: SimpleCookie = SimpleCookie()
+    try:
+        cookie.load(raw)
+    except Exception:  # noqa: BLE001 - a malformed cookie header is just no token
+        return None
+    morsel = cookie.get(COOKIE)
+    return morsel.value if morsel is not None else None
+
+
+def _refusal(
+    token: str | None, granted: AccessScope | None, needed: AccessScope
+) -> tuple[int, str]:
+    if not token:
+        return 401, "token required: open the URL that trainwire serve printed, or send a token"
+    if granted is None:
+        return 401, "invalid, expired or revoked token"
+    return 403, f"this token's scope is {granted.name.lower()}; this needs {needed.name.lower()}"
+
+
+async def _refuse_http(send: Send, status: int, reason: str) -> None:
+    body = ('{"detail": "' + reason + '"}').encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 401:
+        headers.append((b"www-authenticate", b'Bearer realm="trainwire"'))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _refuse_websocket(receive: Receive, send: Send, code: int, reason: str) -> None:
+    # Accept, then close with a reason: a refused handshake could only say "403",
+    # and a client deserves to know why.
+    message = await receive()
+    if message["type"] != "websocket.connect":
+        return
+    await send({"type": "websocket.accept"})
+    await send({"type": "websocket.close", "code": code, "reason": reason})
