@@ -91,6 +91,7 @@ def test_log_never_raises_into_training(live_server: LiveServer) -> None:
     run.log({"ok": 1.0, "text": "high", "list": [1, 2]})
     run.log({"ok": 2.0}, step=10)
     run.log({"ok": 3.0})
+    run.log({"ok": 9.0}, step="eleven")  # type: ignore[arg-type]
     run.finish()
     run.log({"ok": 4.0})  # after finish: ignored with one warning
     _, stored = live_server.store.metrics(run.id)

@@ -88,7 +88,6 @@ class Run:
             query = {"run": self.id, **({"token": token} if token else {})}
             self.url = f"{self.server_url}/?{urlencode(query, quote_via=quote)}"
         self.state = RunState.RUNNING if enabled else RunState.DETACHED
-        self._next_step = 0
         self._dropped_calls = 0
         self._warned_closed = False
         self._queue: deque[LoggedRow] = deque()
@@ -134,12 +133,9 @@ class Run:
                     logger.warning("run %s is finished: log() calls are ignored", self.id)
                 return
             # A copy: the caller may reuse and mutate its dict after log() returns.
-            values = dict(metrics)
-            with self._lock:  # several threads may log; steps must not collide
-                if step is None:
-                    step = self._next_step
-                self._next_step = step + 1
-                self._queue.append((step, time.time(), values))
+            # No lock: deque.append is atomic, and a missing step is filled in by the
+            # sender in queue order, which is the order of the log() calls.
+            self._queue.append((step, time.time(), dict(metrics)))
         except Exception:  # the training loop's boundary: count, warn once, go on
             self._dropped_calls += 1
             if self._dropped_calls == 1:

@@ -9,6 +9,7 @@ thread.
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import random
 import ssl
@@ -31,8 +32,8 @@ __all__ = ["LoggedRow", "Sender"]
 
 logger = logging.getLogger("trainwire.client")
 
-# (step, unix time, metrics as the user passed them): converted to floats here.
-LoggedRow = tuple[int, float, dict[str, Any]]
+# (step or None, unix time, metrics as the user passed them): converted here.
+LoggedRow = tuple[int | None, float, dict[str, Any]]
 
 _OPEN_TIMEOUT: Final = 5.0
 # A connection that stops answering (a cable pulled, a NAT entry gone, a blackholing
@@ -75,6 +76,7 @@ class Sender(threading.Thread):
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.dropped_rows = 0
         self.dropped_values = 0
+        self._last_step = -1
         self._closing = threading.Event()
         self._wake = threading.Event()
         self._finish_status: FinishStatus | None = None
@@ -181,6 +183,19 @@ class Sender(threading.Thread):
         rows: list[Row] = []
         while self.queue:
             step, at, metrics = self.queue.popleft()
+            # "One more than the last step logged", in the order of the log() calls.
+            if step is None:
+                step = self._last_step + 1
+            elif type(step) is not int:
+                try:
+                    step = operator.index(step)  # numpy and torch integers, not 1.5
+                except TypeError:
+                    self.dropped_rows += 1
+                    self._warn_once(
+                        "step", "trainwire dropped a row: step %r is not an integer", step
+                    )
+                    continue
+            self._last_step = step
             values: dict[str, float] = {}
             for key, raw in metrics.items():
                 value = to_float(raw)
