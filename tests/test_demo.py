@@ -12,6 +12,7 @@ pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 pytest.importorskip("tqdm")
 
+from tests.conftest import TOKEN  # noqa: E402
 from trainwire import demo  # noqa: E402
 from trainwire.demo import run_demo  # noqa: E402
 
@@ -25,7 +26,7 @@ def test_one_epoch_streams_every_metric(
     assert (run.project, run.name, run.status) == ("digits-demo", "cnn-lr0.003", "finished")
     assert run.config["epochs"] == 1
     out = capsys.readouterr().out
-    assert out.startswith(f"Dashboard: {live_server.url}/?run={run.id}\n")
+    assert out.startswith(f"Dashboard: {live_server.url}/?run={run.id}&token={TOKEN}\n")
 
     _, series = live_server.store.metrics(run.id)
     steps = run.config["train_size"] // run.config["batch_size"]

@@ -22,6 +22,7 @@ from websockets.exceptions import WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
 from trainwire.client.spool import SpillingOutbox
+from trainwire.client.tensors import TensorResolver
 from trainwire.client.values import to_float
 from trainwire.exceptions import ProtocolError
 from trainwire.protocol.batching import Backoff
@@ -77,6 +78,7 @@ class Sender(threading.Thread):
         self.dropped_rows = 0
         self.dropped_values = 0
         self._last_step = -1
+        self.tensors = TensorResolver()
         self._closing = threading.Event()
         self._wake = threading.Event()
         self._finish_status: FinishStatus | None = None
@@ -100,7 +102,7 @@ class Sender(threading.Thread):
         """Everything asked of this sender is acknowledged by the server."""
         if self._finish_status is not None:
             return self.session.done
-        return self.session.delivered and not self.queue
+        return self.session.delivered and not self.queue and not self.tensors.waiting
 
     def run(self) -> None:
         try:
@@ -180,7 +182,7 @@ class Sender(threading.Thread):
             self._backoff.reset()
 
     def _drain(self) -> None:
-        rows: list[Row] = []
+        logged: list[LoggedRow] = []
         while self.queue:
             step, at, metrics = self.queue.popleft()
             # "One more than the last step logged", in the order of the log() calls.
@@ -196,6 +198,12 @@ class Sender(threading.Thread):
                     )
                     continue
             self._last_step = step
+            logged.append((step, at, metrics))
+        if logged:
+            self.tensors.submit(logged)  # type: ignore[arg-type]
+        closing = self._closing.is_set()
+        rows: list[Row] = []
+        for step, at, metrics in self.tensors.ready(wait=closing):
             values: dict[str, float] = {}
             for key, raw in metrics.items():
                 value = to_float(raw)

@@ -23,6 +23,9 @@ __all__ = [
     "DashboardIn",
     "Finish",
     "FinishStatus",
+    "Int64",
+    "Seq",
+    "UnixTime",
     "Hello",
     "Points",
     "Row",
@@ -45,8 +48,14 @@ __all__ = [
 
 PROTOCOL_VERSION: Final = 1
 
+# Bounds the storage can hold: SQLite integers are signed 64-bit, and a time must be a
+# finite number of Unix seconds (SQLite stores NaN as NULL).
+Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+Seq = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+UnixTime = Annotated[float, msgspec.Meta(ge=0.0, le=1e11)]
+
 # One logged step: (step, unix time, {metric key: value}).
-Row = tuple[int, float, dict[str, float]]
+Row = tuple[Int64, UnixTime, dict[str, float]]
 
 
 class RunStatus:
@@ -92,7 +101,7 @@ class Hello(msgspec.Struct, frozen=True, tag="hello", tag_field="type"):
 
 
 class Batch(msgspec.Struct, frozen=True, tag="batch", tag_field="type"):
-    seq: int
+    seq: Seq
     rows: list[Row]
 
     @property
@@ -103,7 +112,7 @@ class Batch(msgspec.Struct, frozen=True, tag="batch", tag_field="type"):
 class Finish(msgspec.Struct, frozen=True, tag="finish", tag_field="type"):
     """The run's last sequenced item: acknowledged like a batch."""
 
-    seq: int
+    seq: Seq
     status: FinishStatus = "finished"
 
     @property
@@ -137,7 +146,7 @@ ServerToTrainer = Welcome | Ack
 
 class Subscribe(msgspec.Struct, frozen=True, tag="subscribe", tag_field="type"):
     run: str
-    after: Annotated[int, msgspec.Meta(ge=0)] = 0
+    after: Seq = 0
 
 
 class Unsubscribe(msgspec.Struct, frozen=True, tag="unsubscribe", tag_field="type"):
@@ -203,8 +212,10 @@ def decode_dashboard_message(text: str | bytes) -> DashboardIn:
     """
     try:
         return _dashboard_decoder.decode(text)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"bad dashboard message: {exc}") from exc
+    except RecursionError:
+        raise ProtocolError("bad dashboard message: nested too deeply") from None
 
 
 def encode_json(message: msgspec.Struct) -> bytes:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from collections.abc import Iterable
-from typing import Final, assert_never
+from typing import Final, TypeVar, assert_never
 
 import msgspec
 
@@ -31,6 +31,8 @@ from trainwire.protocol.messages import (
 from trainwire.protocol.outbox import MemoryOutbox, Outbox
 
 __all__ = ["ClientSession", "ConnectionState", "ServerSession"]
+
+T = TypeVar("T")
 
 _encoder: Final = msgspec.msgpack.Encoder()
 _trainer_decoder: Final[msgspec.msgpack.Decoder[TrainerToServer]] = msgspec.msgpack.Decoder(
@@ -145,10 +147,7 @@ class ClientSession:
         Raises:
             ProtocolError: the frame is malformed or unexpected.
         """
-        try:
-            message = _server_decoder.decode(data)
-        except msgspec.DecodeError as exc:
-            raise ProtocolError(f"malformed server frame: {exc}") from exc
+        message = _decode(_server_decoder, data, "malformed server frame")
         match message:
             case Welcome(v=v, last_seq=last_seq):
                 if v != PROTOCOL_VERSION:
@@ -253,18 +252,19 @@ class ServerSession:
         Raises:
             ProtocolError: close the connection with its ``code`` and ``reason``.
         """
-        try:
-            message = _trainer_decoder.decode(data)
-        except msgspec.DecodeError as exc:
-            raise ProtocolError(f"malformed frame: {exc}") from exc
+        message = _decode(_trainer_decoder, data, "malformed frame")
         match message:
-            case Hello(v=v):
+            case Hello(v=v, run=run):
                 if v != PROTOCOL_VERSION:
                     raise VersionMismatch(
                         f"unsupported protocol version {v}; this server speaks {PROTOCOL_VERSION}"
                     )
                 if self.run is not None:
                     raise ProtocolError("hello sent twice", code=1008)
+                try:  # stored as JSON: msgpack allows map keys JSON has no room for
+                    msgspec.json.encode(run.config)
+                except (TypeError, ValueError, RecursionError) as exc:
+                    raise ProtocolError(f"config must be JSON-like: {exc}") from None
                 return message
             case Batch(seq=seq) | Finish(seq=seq):
                 if self.run is None:
@@ -324,6 +324,16 @@ class ServerSession:
     def frames_to_send(self) -> list[bytes]:
         frames, self._replies = self._replies, []
         return frames
+
+
+def _decode(decoder: msgspec.msgpack.Decoder[T], data: bytes, what: str) -> T:
+    try:
+        return decoder.decode(data)
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        # msgspec raises UnicodeDecodeError for a string that is not UTF-8.
+        raise ProtocolError(f"{what}: {exc}") from exc
+    except RecursionError:
+        raise ProtocolError(f"{what}: nested too deeply") from None
 
 
 def encode_trainer_message(message: TrainerToServer) -> bytes:

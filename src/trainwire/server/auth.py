@@ -133,7 +133,7 @@ class AuthMiddleware:
         token = _bearer(headers) or from_query or _cookie(headers)
         granted = self.authenticator.scope_of(token, time.time())
         needed = required_scope(kind, scope.get("method", "GET"), scope["path"])
-        if token and granted is not None:
+        if token and granted is not None and self.authenticator.enabled:
             # Who to rate-limit: the token (its digest, never the token itself).
             scope["trainwire.principal"] = hashlib.sha256(token.encode()).hexdigest()[:16]
         if kind == "websocket":
@@ -154,7 +154,10 @@ class AuthMiddleware:
         if from_query is not None and not scope["path"].startswith("/api/"):
             # A browser arriving with ?token=: keep the token in a cookie, not the URL.
             rest = urlencode([(k, v) for k, v in query if k != "token"])
-            location = scope["path"] + (f"?{rest}" if rest else "")
+            # One leading slash only: "//host/..." or "/\\host/..." would send the
+            # browser to another server (an open redirect).
+            path = "/" + scope["path"].lstrip("/\\")
+            location = path + (f"?{rest}" if rest else "")
             await self._redirect_with_cookie(send, location, from_query)
             return
         await self.app(scope, receive, send)

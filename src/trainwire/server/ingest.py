@@ -17,7 +17,7 @@ from trainwire.server.bus import Bus, PointsCommitted, RunChanged
 from trainwire.server.limits import RateLimiter, client_address
 from trainwire.server.watch import RunWatch
 from trainwire.settings import Limits
-from trainwire.storage import Store
+from trainwire.storage import SeriesLimitExceeded, Store
 
 __all__ = ["serve_trainer"]
 
@@ -109,9 +109,12 @@ async def _handle(
             run_id = hello.run.id
             # Ranks of one distributed job share the run; their keys stay apart.
             prefix = "" if hello.rank is None else f"rank{hello.rank}/"
-            commit = await run_in_threadpool(
-                store.append_batch, run_id, hello.stream, message, time.time(), prefix
-            )
+            try:
+                commit = await run_in_threadpool(
+                    store.append_batch, run_id, hello.stream, message, time.time(), prefix
+                )
+            except SeriesLimitExceeded as exc:
+                raise ProtocolError(str(exc), code=1008) from exc
             session.committed(message.seq)
             if commit is not None:
                 rows = message.rows

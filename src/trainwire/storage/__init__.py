@@ -4,6 +4,6 @@
 from __future__ import annotations
 
 from trainwire.storage.base import Commit, Store
-from trainwire.storage.sqlite import SQLiteStore
+from trainwire.storage.sqlite import SeriesLimitExceeded, SQLiteStore
 
-__all__ = ["Commit", "SQLiteStore", "Store"]
+__all__ = ["Commit", "SQLiteStore", "SeriesLimitExceeded", "Store"]

@@ -10,11 +10,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
+import msgspec
+
 from trainwire.exceptions import StorageError
 from trainwire.protocol.messages import Batch, RunInfo, RunSpec, RunStatus, Series
 from trainwire.storage.base import Commit
 
-__all__ = ["SCHEMA_VERSION", "SQLiteStore"]
+__all__ = ["SCHEMA_VERSION", "SQLiteStore", "SeriesLimitExceeded"]
 
 SCHEMA_VERSION: Final = 2
 
@@ -80,13 +82,17 @@ class SQLiteStore:
 
     Args:
         path: the database file; its folder is created if missing.
+        max_series_per_run: refuse a batch that would give a run more metric keys
+            (``SeriesLimitExceeded``); checked here, where every writer of the run
+            meets, so no number of connections or ranks gets around it.
 
     Raises:
         StorageError: the file cannot be opened, or was written by a newer trainwire.
     """
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, max_series_per_run: int | None = None) -> None:
         self.path = Path(path)
+        self.max_series_per_run = max_series_per_run
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # One connection, used from the server's thread pool under a lock: SQLite
         # serialises writers anyway, and reads under the same lock see a batch and its
@@ -132,7 +138,7 @@ class SQLiteStore:
                         RunStatus.RUNNING,
                         now,
                         now,
-                        json.dumps(spec.config, default=str),
+                        msgspec.json.encode(spec.config, enc_hook=str).decode(),
                     ),
                 )
             row = self._db.execute(
@@ -254,10 +260,22 @@ class SQLiteStore:
         cached = self._series_ids.get((run_id, key))
         if cached is not None:
             return cached
-        self._db.execute("INSERT OR IGNORE INTO series (run_id, key) VALUES (?, ?)", (run_id, key))
-        series_id: int = self._db.execute(
+        row = self._db.execute(
             "SELECT id FROM series WHERE run_id = ? AND key = ?", (run_id, key)
-        ).fetchone()[0]
+        ).fetchone()
+        if row is None:
+            if self.max_series_per_run is not None:
+                (count,) = self._db.execute(
+                    "SELECT COUNT(*) FROM series WHERE run_id = ?", (run_id,)
+                ).fetchone()
+                if count >= self.max_series_per_run:
+                    raise SeriesLimitExceeded(
+                        f"run has more than {self.max_series_per_run} metric keys"
+                    )
+            row = self._db.execute(
+                "INSERT INTO series (run_id, key) VALUES (?, ?) RETURNING id", (run_id, key)
+            ).fetchone()
+        series_id: int = row[0]
         self._series_ids[(run_id, key)] = series_id
         return series_id
 
@@ -327,6 +345,10 @@ class SQLiteStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+class SeriesLimitExceeded(StorageError):
+    """A batch would give its run more metric keys than allowed."""
 
 
 class _Transaction:
