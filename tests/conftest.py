@@ -40,6 +40,8 @@ def isolated_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Pat
     data = tmp_path / "client-data"
     monkeypatch.setenv("TRAINWIRE_DATA", str(data))
     monkeypatch.setenv("TRAINWIRE_TOKEN", TOKEN)
+    # A sampler thread per run would add keys to every run; its own test turns it on.
+    monkeypatch.setenv("TRAINWIRE_SYSTEM_METRICS", "0")
     return data
 
 

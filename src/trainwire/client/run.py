@@ -28,6 +28,7 @@ from trainwire import __version__
 from trainwire.client.local import ensure_local_server, local_token
 from trainwire.client.sender import LoggedRow, Sender
 from trainwire.client.spool import SpillingOutbox, new_header
+from trainwire.client.system import SystemSampler
 from trainwire.exceptions import ConfigError
 from trainwire.protocol.messages import FinishStatus, RunSpec
 from trainwire.protocol.session import ClientSession
@@ -74,6 +75,7 @@ class Run:
         max_disk_bytes: int = DEFAULT_DISK_BYTES,
         enabled: bool = True,
         token: str | None = None,
+        system_metrics: bool = False,
     ) -> None:
         self.id = spec.id
         self.project = spec.project
@@ -114,9 +116,13 @@ class Run:
             flush_interval=flush_interval,
             token=token,
         )
+        self._system: SystemSampler | None = None
         if enabled:
             self._sender.start()
             _live_runs.add(self)
+            if system_metrics:
+                self._system = SystemSampler(self._log_system)
+                self._system.start()
 
     def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         """Record metrics at a step. Returns at once and never raises.
@@ -141,6 +147,11 @@ class Run:
             if self._dropped_calls == 1:
                 logger.warning("trainwire could not record a log() call", exc_info=True)
 
+    def _log_system(self, second: int, values: dict[str, float]) -> None:
+        # Their own queue: their steps (seconds) must not move the training's step count.
+        if self.state is RunState.RUNNING:
+            self._sender.system_queue.append((second, time.time(), values))
+
     def finish(
         self, timeout: float = DEFAULT_FINISH_TIMEOUT, *, status: FinishStatus = "finished"
     ) -> None:
@@ -155,6 +166,8 @@ class Run:
                 return
             self.state = RunState.FINISHED
         _live_runs.discard(self)
+        if self._system is not None:
+            self._system.stop()
         try:
             self._sender.close(status, timeout)
             self._sender.join(timeout + 1.0)
@@ -284,6 +297,7 @@ def init(
     url: str | None = None,
     token: str | None = None,
     insecure: bool | None = None,
+    system_metrics: bool | None = None,
     flush_interval: float = 0.02,
     max_memory_rows: int = DEFAULT_MEMORY_ROWS,
     max_disk_bytes: int = DEFAULT_DISK_BYTES,
@@ -310,6 +324,8 @@ def init(
         insecure: allow plain http/ws to a host other than this machine (else
             ``TRAINWIRE_INSECURE=1``). Certificates of https servers are always
             verified, against ``TRAINWIRE_CA`` when set.
+        system_metrics: sample CPU, RAM and NVIDIA GPUs once a second into the run
+            (keys ``system/...``); default on, off with ``TRAINWIRE_SYSTEM_METRICS=0``.
         flush_interval: the longest a logged point waits before it is sent.
         max_memory_rows: rows held in memory while the server is unreachable,
             before spilling to the run's file.
@@ -346,8 +362,11 @@ def init(
         config=_plain_config(config),
     )
     data_dir = default_data_dir()
+    if system_metrics is None:
+        system_metrics = os.environ.get("TRAINWIRE_SYSTEM_METRICS", "1") not in ("0", "")
     options: dict[str, Any] = {
         "data_dir": data_dir,
+        "system_metrics": system_metrics,
         "flush_interval": flush_interval,
         "max_memory_rows": max_memory_rows,
         "max_disk_bytes": max_disk_bytes,

@@ -78,6 +78,8 @@ class Sender(threading.Thread):
         self.dropped_rows = 0
         self.dropped_values = 0
         self._last_step = -1
+        # Rows with steps of their own (system metrics): not part of the step count.
+        self.system_queue: deque[LoggedRow] = deque()
         self.tensors = TensorResolver()
         self._closing = threading.Event()
         self._wake = threading.Event()
@@ -199,6 +201,8 @@ class Sender(threading.Thread):
                     continue
             self._last_step = step
             logged.append((step, at, metrics))
+        while self.system_queue:
+            logged.append(self.system_queue.popleft())
         if logged:
             self.tensors.submit(logged)  # type: ignore[arg-type]
         closing = self._closing.is_set()
