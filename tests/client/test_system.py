@@ -4,8 +4,9 @@ import threading
 from types import SimpleNamespace
 from typing import Any
 
-import trainwire
 from tests.conftest import MS, LiveServer
+
+import trainwire
 from trainwire.client.system import SystemSampler, read_gpus
 
 
