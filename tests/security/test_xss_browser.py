@@ -4,8 +4,6 @@ nothing injected, and nothing for the Content-Security-Policy to block."""
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Iterator
 from typing import Any, Final
 
 import pytest
@@ -13,20 +11,8 @@ import pytest
 import trainwire
 from tests.conftest import MS, LiveServer
 
-playwright_sync = pytest.importorskip("playwright.sync_api")
-
 pytestmark = pytest.mark.browser
 
-CHROMIUM: Final = shutil.which("chromium") or "/usr/bin/chromium"
-FLAGS: Final = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 # Playwright counts in milliseconds.
 WAIT_MS: Final = 15_000 * MS * 1000
 
@@ -62,16 +48,6 @@ INJECTED: Final = """() => ({
   scripts: [...document.scripts].map((s) => s.src || "inline: " + s.textContent),
   violations: window.__violations,
 })"""
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    if not shutil.which(CHROMIUM):
-        pytest.fail(f"chromium not found at {CHROMIUM}: apt-get install -y chromium")
-    with playwright_sync.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
-        yield browser
-        browser.close()
 
 
 def test_payloads_in_every_user_string_are_shown_as_text_and_never_run(
