@@ -120,9 +120,12 @@ CHROMIUM_FLAGS = [
 ]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """Headless Chromium, driven by Playwright (which downloads nothing here)."""
+    """Headless Chromium, driven by Playwright (which downloads nothing here).
+
+    Per module, not per session: Playwright's sync API keeps an event loop running in
+    the main thread while it lives, and tests that call asyncio.run() would fail."""
     sync_api = pytest.importorskip("playwright.sync_api")
     if not shutil.which(CHROMIUM):
         pytest.fail(f"chromium not found at {CHROMIUM}: apt-get install -y chromium")

@@ -165,14 +165,14 @@ def _serve(settings: Settings, port_fallback: bool, ready_fd: int | None) -> Non
             discovery.write_text(
                 json.dumps({"url": url, "pid": os.getpid(), "version": __version__})
             )
-            logger.info("trainwire %s serving %s at %s", __version__, settings.data_dir, url)
-            # As Jupyter does: the URL to open carries the token; the page then keeps
-            # it in a cookie, out of the address bar.
-            link = f"{url}/?token={settings.token}" if settings.token else url
-            print(f"trainwire dashboard: {link}", flush=True)
-            _signal_ready(ready_fd, url)
-            ready_fd = None
             try:
+                logger.info("trainwire %s serving %s at %s", __version__, settings.data_dir, url)
+                # As Jupyter does: the URL to open carries the token; the page then
+                # keeps it in a cookie, out of the address bar.
+                link = f"{url}/?token={settings.token}" if settings.token else url
+                print(f"trainwire dashboard: {link}", flush=True)
+                fd, ready_fd = ready_fd, None
+                _signal_ready(fd, url)
                 server = uvicorn.Server(uvicorn_config(create_app(settings), settings))
                 server.run(sockets=[sock])
             finally:
@@ -181,12 +181,13 @@ def _serve(settings: Settings, port_fallback: bool, ready_fd: int | None) -> Non
                 sock.close()
     except AlreadyServing as exc:
         if ready_fd is not None and exc.url:
-            _signal_ready(ready_fd, exc.url)
-            ready_fd = None
+            fd, ready_fd = ready_fd, None
+            _signal_ready(fd, exc.url)
         raise
     finally:
         if ready_fd is not None:
-            os.close(ready_fd)
+            with contextlib.suppress(OSError):
+                os.close(ready_fd)
 
 
 def uvicorn_config(app: ASGIApp, settings: Settings) -> uvicorn.Config:
