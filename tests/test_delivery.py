@@ -232,3 +232,22 @@ def test_concurrent_trainers_and_ranks_never_corrupt_storage(live_server: LiveSe
         assert stored_steps(live_server, run.id, "y") == list(range(1500))
     for rank in (0, 1):
         assert stored_steps(live_server, "shared", f"rank{rank}/x") == list(range(1500))
+
+
+def test_past_the_disk_bound_new_points_are_dropped_counted_and_reported(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import socket
+
+    caplog.set_level(logging.WARNING, logger="trainwire.client")
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    run = trainwire.init(url=f"http://127.0.0.1:{port}", max_memory_rows=10, max_disk_bytes=20_000)
+    for step in range(5000):
+        run.log({"x": float(step)}, step=step)
+    run.finish(timeout=200 * MS)
+    assert run.path.stat().st_size <= 20_000
+    assert run._sender.dropped_rows > 0
+    assert caplog.text.count("reached its bound") == 1
+    assert f"{run._sender.dropped_rows} rows of run {run.id} were dropped" in caplog.text

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from trainwire.client.spool import SpillingOutbox, new_header
@@ -55,14 +56,15 @@ def test_once_spilling_new_items_follow_on_disk_until_it_drains(tmp_path: Path) 
     assert not box.path.exists()
 
 
-def test_full_reports_the_disk_bound(tmp_path: Path) -> None:
-    box = outbox(tmp_path, memory_rows=0, disk_bytes=200)
-    assert not box.full
+def test_the_file_never_grows_past_its_bound(tmp_path: Path) -> None:
+    box = outbox(tmp_path, memory_rows=0, disk_bytes=400)
     seq = 1
-    while not box.full:
+    while box.accepts(batch(seq)):
         box.append(batch(seq))
         seq += 1
-    assert box.path.stat().st_size >= 200
+    assert seq > 2
+    one_batch = 4 + len(msgspec.msgpack.encode(batch(seq)))
+    assert 400 - one_batch < box.path.stat().st_size <= 400
     box.close()
 
 

@@ -38,13 +38,15 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
+from tests.conftest import MS
+
 __all__ = ["FaultProxy", "ProxyStats"]
 
 _T = TypeVar("_T")
 
 # How long a control call waits for the proxy's loop to apply it. The loop does
 # nothing slow, so hitting this means the proxy itself is broken.
-_CONTROL_TIMEOUT: Final = 10.0
+_CONTROL_TIMEOUT: Final = 10_000 * MS
 _CHUNK: Final = 64 * 1024
 # SO_LINGER on, with a zero timeout: close() sends RST instead of FIN.
 _RESET_ON_CLOSE: Final = struct.pack("ii", 1, 0)
@@ -62,6 +64,8 @@ class ProxyStats:
         cut: connections reset by :meth:`FaultProxy.cut`.
         closed_by_client: connections the client end closed or reset itself: how a
             test sees a client give up on a dead (blackholed) connection.
+        stalled: no byte moves now.
+        blackholed: new connections go into the blackhole now.
     """
 
     accepted: int = 0
@@ -70,6 +74,8 @@ class ProxyStats:
     dropped: int = 0
     cut: int = 0
     closed_by_client: int = 0
+    stalled: bool = False
+    blackholed: bool = False
 
 
 class _Ended(enum.Enum):
@@ -92,6 +98,7 @@ class _Link:
     client: _Side
     upstream: _Side | None = None
     blackholed: bool = False
+    cut: bool = False  # reset by cut(): whatever its pumps see next is our doing
     task: asyncio.Task[Any] | None = None
     pumps: list[asyncio.Task[_Ended]] = field(default_factory=list)
 
@@ -171,11 +178,11 @@ class FaultProxy:
 
     @property
     def stalled(self) -> bool:
-        return self._call(self._is_stalled())
+        return self.stats().stalled
 
     @property
     def blackholed(self) -> bool:
-        return self._call(self._is_blackholed())
+        return self.stats().blackholed
 
     def stats(self) -> ProxyStats:
         """What the proxy has done so far."""
@@ -303,7 +310,7 @@ class FaultProxy:
             self._count(forwarded=len(data))
 
     def _source_ended(self, link: _Link, src: _Side, dst: _Side | None, how: _Ended) -> _Ended:
-        if src is link.client:
+        if src is link.client and not link.cut:
             self._count(closed_by_client=1)
         if link.blackholed or dst is None:
             # That peer gave up; the other end must not hear of it: only this side ends.
@@ -338,6 +345,7 @@ class FaultProxy:
     async def _cut_all(self) -> int:
         links = list(self._links)
         for link in links:
+            link.cut = True
             self._close_link(link, reset=True)
             if link.task is not None:
                 link.task.cancel()
@@ -351,16 +359,23 @@ class FaultProxy:
             self._stall_timer = None
         if stalled:
             self._flowing.clear()
+            self._update(stalled=True)
             if seconds is not None:
-                self._stall_timer = self._loop.call_later(seconds, self._flowing.set)
+                self._stall_timer = self._loop.call_later(seconds, self._end_stall)
         else:
-            self._flowing.set()
+            self._end_stall()
+
+    def _end_stall(self) -> None:
+        self._stall_timer = None
+        self._flowing.set()
+        self._update(stalled=False)
 
     async def _set_blackholed(self, blackholed: bool, seconds: float | None) -> None:
         if self._blackhole_timer is not None:
             self._blackhole_timer.cancel()
             self._blackhole_timer = None
         self._blackholed = blackholed
+        self._update(blackholed=blackholed)
         if blackholed:
             for link in self._links:
                 link.blackholed = True
@@ -370,19 +385,16 @@ class FaultProxy:
     def _end_blackhole(self) -> None:
         self._blackhole_timer = None
         self._blackholed = False
-
-    async def _is_stalled(self) -> bool:
-        return not self._flowing.is_set()
-
-    async def _is_blackholed(self) -> bool:
-        return self._blackholed
+        self._update(blackholed=False)
 
     def _count(self, **changes: int) -> None:
         with self._stats_changed:
             current = self._stats
-            self._stats = dataclasses.replace(
-                current, **{name: getattr(current, name) + n for name, n in changes.items()}
-            )
+            self._update(**{name: getattr(current, name) + n for name, n in changes.items()})
+
+    def _update(self, **fields: Any) -> None:
+        with self._stats_changed:  # reentrant: _count holds it already
+            self._stats = dataclasses.replace(self._stats, **fields)
             self._stats_changed.notify_all()
 
     async def _shutdown(self) -> None:
@@ -393,3 +405,4 @@ class FaultProxy:
             if timer is not None:
                 timer.cancel()
         self._flowing.set()
+        self._update(stalled=False, blackholed=False)

@@ -91,6 +91,7 @@ class Run:
             self.url = f"{self.server_url}/?{urlencode(query, quote_via=quote)}"
         self.state = RunState.RUNNING if enabled else RunState.DETACHED
         self._dropped_calls = 0
+        self._max_queued = max(max_memory_rows, 10_000)
         self._warned_closed = False
         self._queue: deque[LoggedRow] = deque()
         self._lock = threading.Lock()
@@ -138,6 +139,16 @@ class Run:
                     self._warned_closed = True
                     logger.warning("run %s is finished: log() calls are ignored", self.id)
                 return
+            if len(self._queue) >= self._max_queued:
+                # The sender cannot keep up (a loop logging far faster than it can
+                # convert): drop, count, and say so once, rather than grow without bound.
+                self._dropped_calls += 1
+                if self._dropped_calls == 1:
+                    logger.warning(
+                        "trainwire: log() is called faster than points can be handled; "
+                        "dropping (the count is reported at finish())"
+                    )
+                return
             # A copy: the caller may reuse and mutate its dict after log() returns.
             # No lock: deque.append is atomic, and a missing step is filled in by the
             # sender in queue order, which is the order of the log() calls.
@@ -170,7 +181,8 @@ class Run:
             self._system.stop()
         try:
             self._sender.close(status, timeout)
-            self._sender.join(timeout + 1.0)
+            if threading.current_thread() is not self._sender:  # finish() from a value's .item()
+                self._sender.join(timeout + 1.0)
             self._report()
         except Exception:  # finish() is called from the training script: never raise
             logger.warning("trainwire could not finish run %s cleanly", self.id, exc_info=True)
@@ -191,11 +203,11 @@ class Run:
                 "trainwire: run %s not confirmed by %s within the timeout; %d rows undelivered%s",
                 self.id, self.server_url, left, kept,
             )  # fmt: skip
-        if sender.dropped_rows:
+        dropped = sender.dropped_rows + self._dropped_calls
+        if dropped:
             logger.warning(
-                "trainwire: %d rows of run %s were dropped (bounds reached)",
-                sender.dropped_rows, self.id,
-            )  # fmt: skip
+                "trainwire: %d rows of run %s were dropped (bounds reached)", dropped, self.id
+            )
 
     @property
     def delivered(self) -> bool:

@@ -38,9 +38,27 @@ LoggedRow = tuple[int | None, float, dict[str, Any]]
 
 _OPEN_TIMEOUT: Final = 5.0
 # A connection that stops answering (a cable pulled, a NAT entry gone, a blackholing
-# firewall) is noticed within PING_INTERVAL + PING_TIMEOUT seconds and replaced.
+# firewall) is given up within PING_INTERVAL + PING_TIMEOUT + CLOSE_TIMEOUT seconds
+# (6 s) and replaced: a dead link cannot complete a closing handshake, so waiting
+# long for one only delays the reconnect.
 PING_INTERVAL: Final = 2.0
-PING_TIMEOUT: Final = 4.0
+PING_TIMEOUT: Final = 3.0
+CLOSE_TIMEOUT: Final = 1.0
+
+
+class _QuietTransportLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """What websockets logs about our connection, at DEBUG. A missed pong is, for us,
+    an expected event that the sender handles and reports once as a warning; at
+    ERROR, with a traceback, it would land on a training script's stderr."""
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: object) -> None:
+        self.logger.log(logging.DEBUG, msg, *args, **kwargs)
+
+    def isEnabledFor(self, level: int) -> bool:  # noqa: N802 - logging's own name
+        return bool(self.logger.isEnabledFor(logging.DEBUG))
+
+
+_transport_log: Final = _QuietTransportLog(logging.getLogger("trainwire.client.transport"), {})
 
 
 def tls_context() -> ssl.SSLContext:
@@ -160,7 +178,8 @@ class Sender(threading.Thread):
             open_timeout=_OPEN_TIMEOUT,
             ping_interval=PING_INTERVAL,
             ping_timeout=PING_TIMEOUT,
-            close_timeout=PING_TIMEOUT,
+            close_timeout=CLOSE_TIMEOUT,
+            logger=_transport_log,
             max_size=None,
             compression=None,
         ) as ws:
@@ -168,14 +187,21 @@ class Sender(threading.Thread):
 
     def _pump(self, ws: ClientConnection) -> None:
         ws.send(self.session.connection_made())
+        next_flush = time.monotonic()
         while True:
-            self._drain()
+            now = time.monotonic()
+            if now >= next_flush or self._closing.is_set():
+                # Rows are taken once per flush interval, not once per ack: every pass
+                # holds the GIL that the training thread wants.
+                self._drain()
+                next_flush = now + self.flush_interval
+            # After an ack this only refills the window (a backlog being replayed).
             for frame in self.session.frames_to_send():
                 ws.send(frame)
             if self._finished():
                 return
             try:
-                data = ws.recv(timeout=self.flush_interval)
+                data = ws.recv(timeout=max(0.0, next_flush - time.monotonic()))
             except TimeoutError:
                 continue
             if isinstance(data, str):
@@ -184,6 +210,9 @@ class Sender(threading.Thread):
             self._backoff.reset()
 
     def _drain(self) -> None:
+        # Read before the queue is drained: finish() sets it after the user's last
+        # log() returned, so once it is seen, every row of the run is in the queue.
+        closing = self._closing.is_set()
         logged: list[LoggedRow] = []
         while self.queue:
             step, at, metrics = self.queue.popleft()
@@ -205,7 +234,6 @@ class Sender(threading.Thread):
             logged.append(self.system_queue.popleft())
         if logged:
             self.tensors.submit(logged)  # type: ignore[arg-type]
-        closing = self._closing.is_set()
         rows: list[Row] = []
         for step, at, metrics in self.tensors.ready(wait=closing):
             values: dict[str, float] = {}
@@ -228,25 +256,28 @@ class Sender(threading.Thread):
                 self.dropped_rows += len(rows)  # logged by another thread during finish()
             else:
                 self.session.add_rows(rows)
-        if self._closing.is_set() and self._finish_status is not None:
+        if closing and self._finish_status is not None:
             self.session.finish(self._finish_status)
         self._cut()
 
     def _cut(self) -> None:
         outbox = self.session.outbox
-        if isinstance(outbox, SpillingOutbox):
-            if outbox.full:
-                self.dropped_rows += self.session.drop_oldest_pending(self.session.pending_rows)
-                self._warn_once(
-                    "full",
-                    "trainwire: the run file %s reached its bound (max_disk_bytes=%d): "
-                    "dropping new points; the count is reported at finish()",
-                    outbox.path,
-                    outbox.disk_bytes,
-                )
-            was_spilling = outbox.spilling
-            self.session.cut_batches()
-            if outbox.spilling and not was_spilling and not outbox.keep:
+        was_spilling = isinstance(outbox, SpillingOutbox) and outbox.spilling
+        if not self.session.cut_batches():
+            # The run file is at its bound: the rows that do not fit are dropped and
+            # counted, newest first, so that the stream keeps no gap.
+            dropped = self.session.drop_oldest_pending(self.session.queued_rows)
+            self.dropped_rows += dropped
+            self._warn_once(
+                "full",
+                "trainwire: the run file %s reached its bound (max_disk_bytes=%d): "
+                "dropping new points; the count is reported at finish()",
+                getattr(outbox, "path", "?"),
+                getattr(outbox, "disk_bytes", 0),
+            )
+            self.session.cut_batches()  # the run's end still fits: it has no rows
+        if isinstance(outbox, SpillingOutbox) and outbox.spilling and not was_spilling:
+            if not outbox.keep:
                 self._warn_once(
                     "spill",
                     "trainwire: server unreachable and %d rows held in memory: "
@@ -254,8 +285,6 @@ class Sender(threading.Thread):
                     outbox.memory_rows,
                     outbox.path,
                 )
-        else:
-            self.session.cut_batches()
 
     def _finished(self) -> bool:
         if not self._closing.is_set():

@@ -78,6 +78,7 @@ class SpillingOutbox:
         self._data_start = 0
         self._index: deque[tuple[int, int, int, int]] = deque()  # seq, offset, size, rows
         self._disk_rows = 0
+        self._last_encoded: tuple[Sequenced | None, bytes] = (None, b"")
         self.spilled = 0
 
     @classmethod
@@ -128,13 +129,23 @@ class SpillingOutbox:
 
     # -- Outbox -----------------------------------------------------------------------
 
+    def accepts(self, item: Sequenced) -> bool:
+        if self._goes_to_memory(item):
+            return True
+        body = self._encoded(item)
+        if self._file is not None:
+            size = self._file.seek(0, os.SEEK_END)
+        else:  # the header comes first
+            size = len(MAGIC) + _LENGTH.size + len(_encoder.encode(self.header))
+        return size + _LENGTH.size + len(body) <= self.disk_bytes
+
     def append(self, item: Sequenced) -> None:
-        if not self._index and self._memory_rows + item.row_count <= self.memory_rows:
+        if self._goes_to_memory(item):
             self._memory.append(item)
             self._memory_rows += item.row_count
             return
         handle = self._open()
-        body = _encoder.encode(item)
+        body = self._encoded(item)
         offset = handle.seek(0, os.SEEK_END)
         handle.write(_LENGTH.pack(len(body)) + body)
         handle.flush()
@@ -168,6 +179,15 @@ class SpillingOutbox:
             self._file.truncate(self._data_start)
             self._file.seek(self._data_start)
 
+    def _goes_to_memory(self, item: Sequenced) -> bool:
+        return not self._index and self._memory_rows + item.row_count <= self.memory_rows
+
+    def _encoded(self, item: Sequenced) -> bytes:
+        # accepts() and append() see the same item in turn: encode it once.
+        if self._last_encoded[0] is not item:
+            self._last_encoded = (item, _encoder.encode(item))
+        return self._last_encoded[1]
+
     @property
     def rows(self) -> int:
         return self._memory_rows + self._disk_rows
@@ -180,13 +200,6 @@ class SpillingOutbox:
     @property
     def spilling(self) -> bool:
         return bool(self._index)
-
-    @property
-    def full(self) -> bool:
-        """The file has reached its bound: add nothing more."""
-        if self._file is None or not self._index:
-            return False
-        return self._file.tell() >= self.disk_bytes
 
     def close(self) -> None:
         """Close the file; delete it if it holds nothing undelivered (and not ``keep``)."""

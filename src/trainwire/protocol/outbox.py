@@ -15,6 +15,10 @@ class Outbox(Protocol):
     sequence numbers. :class:`MemoryOutbox` keeps them in memory; the client's
     spilling outbox moves the overflow to a file."""
 
+    def accepts(self, item: Sequenced) -> bool:
+        """Whether ``item`` fits within the outbox's bound."""
+        ...
+
     def append(self, item: Sequenced) -> None: ...
 
     def items(self, start_seq: int, limit: int) -> list[Sequenced]:
@@ -44,6 +48,9 @@ class MemoryOutbox:
     def __init__(self) -> None:
         self._items: deque[Sequenced] = deque()
         self._rows = 0
+
+    def accepts(self, item: Sequenced) -> bool:
+        return True
 
     def append(self, item: Sequenced) -> None:
         if self._items and item.seq != self._items[-1].seq + 1:

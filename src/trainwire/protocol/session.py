@@ -8,6 +8,7 @@ server's ingest endpoint are thin shells around these classes.
 from __future__ import annotations
 
 import enum
+import itertools
 from collections import deque
 from collections.abc import Iterable
 from typing import Final, TypeVar, assert_never
@@ -111,17 +112,30 @@ class ClientSession:
         if self._finish_status is None:
             self._finish_status = status
 
-    def cut_batches(self) -> None:
-        """Number the queued rows into batches and move them to the outbox."""
+    def cut_batches(self) -> bool:
+        """Number the queued rows into batches and move them to the outbox.
+
+        Returns:
+            False if the outbox's bound stopped it: the rows left stay queued (the
+            caller decides whether to drop them); True once every row moved.
+        """
         while self._pending:
             n = min(self.rows_per_batch, len(self._pending))
-            rows = [self._pending.popleft() for _ in range(n)]
-            self.outbox.append(Batch(seq=self._next_seq, rows=rows))
+            batch = Batch(seq=self._next_seq, rows=list(itertools.islice(self._pending, n)))
+            while not self.outbox.accepts(batch):
+                if n == 1:
+                    return False
+                n //= 2  # a smaller batch may still fit in what room is left
+                batch = Batch(seq=self._next_seq, rows=batch.rows[:n])
+            for _ in range(n):
+                self._pending.popleft()
+            self.outbox.append(batch)
             self._next_seq += 1
         if self._finish_status is not None and self._finish_seq is None:
             self._finish_seq = self._next_seq
             self.outbox.append(Finish(seq=self._next_seq, status=self._finish_status))
             self._next_seq += 1
+        return True
 
     # -- input from the connection --------------------------------------------------
 
@@ -195,6 +209,11 @@ class ClientSession:
     def delivered(self) -> bool:
         """True once the server has acknowledged everything added so far."""
         return not self._pending and self.acked_seq == self._next_seq - 1
+
+    @property
+    def queued_rows(self) -> int:
+        """Rows not yet cut into batches."""
+        return len(self._pending)
 
     @property
     def finishing(self) -> bool:
