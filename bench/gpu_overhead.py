@@ -2,7 +2,7 @@
 
 Reproduces the anchor table of issue 5 with trainwire as a column:
 
-    loop                       | none | loss.item() | TensorBoard | pinned+event | device ring | trainwire
+    loop | none | loss.item() | TensorBoard | pinned+event | device ring | trainwire
 
 Two loops: a launch-bound MLP (~1.4 ms/step on an H200) and a compute-bound
 4-layer transformer (~25 ms/step). Each method runs in interleaved repetitions

@@ -1,0 +1,201 @@
+"""How much slower a CPU training loop runs when it logs every step with trainwire.
+
+Target: a small MLP on scikit-learn's digits, ``torch.set_num_threads(1)``, logging
+three scalars every step (the loss as a 0-d tensor, the accuracy and the learning
+rate as Python floats) is at most 1% slower than the same loop without trainwire.
+
+A: the loop without trainwire. B: the same loop plus ``run.log({...}, step=step)``
+every step, to a real server (``python -m trainwire serve``, its own process,
+pinned to the last CPU so that it leaves the training thread its core). Both
+compute the same values (the accuracy is computed in A too); both start from the
+same seed, so they do the same arithmetic. The runs alternate A, B, A, B, ... after
+one warm-up pair; the figure is median(B) / median(A) - 1 over the training loop's
+wall time (``init()`` and ``finish()`` are outside it and reported apart). The
+noise is the spread of the A runs, (max - min) / median: an overhead smaller than
+the noise cannot be told from it.
+
+Usage::
+
+    .venv/bin/python bench/cpu_overhead.py            # 7 pairs of ~4 s runs
+    .venv/bin/python bench/cpu_overhead.py --quick    # 3 pairs of ~1.5 s runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sqlite3
+import time
+from typing import Any
+
+import _common as c
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from torch import nn
+
+import trainwire
+
+NAME = "cpu_overhead"
+TARGET_PERCENT = 1.0
+BATCH = 32
+SEED = 0
+
+
+class Task:
+    """The digits data as tensors, and a loop that trains a fresh MLP on them."""
+
+    def __init__(self) -> None:
+        digits = load_digits()
+        self.x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+        self.y = torch.tensor(digits.target, dtype=torch.long)
+
+    def train(self, epochs: int, run: trainwire.Run | None) -> tuple[float, int]:
+        """Train for ``epochs``; returns (seconds in the loop, steps)."""
+        torch.manual_seed(SEED)
+        model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10, gamma=0.9)
+        order = torch.Generator().manual_seed(SEED)
+        n = len(self.x)
+        step = 0
+        started = time.perf_counter()
+        for _ in range(epochs):
+            permutation = torch.randperm(n, generator=order)
+            for i in range(0, n, BATCH):
+                index = permutation[i : i + BATCH]
+                xb, yb = self.x[index], self.y[index]
+                out = model(xb)
+                loss = F.cross_entropy(out, yb)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                acc = (out.argmax(1) == yb).float().mean().item()
+                lr = schedule.get_last_lr()[0]
+                if run is not None:
+                    run.log({"train/loss": loss, "train/acc": acc, "lr": lr}, step=step)
+                step += 1
+            schedule.step()
+        return time.perf_counter() - started, step
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="3 pairs of ~1.5 s runs")
+    parser.add_argument("--pairs", type=int, default=None, help="A/B pairs (default 7)")
+    parser.add_argument("--seconds", type=float, default=None, help="length of one run")
+    args = parser.parse_args(argv)
+    pairs = args.pairs or (3 if args.quick else 7)
+    seconds = args.seconds or (1.5 if args.quick else 4.0)
+    c.header(NAME, "training-loop slowdown from logging every step", args.quick)
+    torch.set_num_threads(1)
+    task = Task()
+    task.train(1, None)  # first-call costs of torch, out of every figure
+    one_epoch, steps_per_epoch = task.train(2, None)
+    epochs = max(1, round(seconds / (one_epoch / 2)))
+    print(
+        f"  MLP 64-128-10 on digits ({len(task.x)} samples), batch {BATCH}: "
+        f"{one_epoch / 2 / (steps_per_epoch / 2) * 1e6:.0f} µs/step;"
+        f" {epochs} epochs ({epochs * steps_per_epoch // 2} steps) per run",
+        flush=True,
+    )
+
+    with c.client_environment(NAME) as tmp:
+        c.quiet_client_logs(tmp / "client.log")
+        cpus = os.cpu_count() or 1
+        server = c.ServerProcess(tmp / "server", cpus={cpus - 1} if cpus > 1 else None)
+        with server:
+            overheads: dict[str, list[float]] = {"init_s": [], "finish_s": [], "sender_cpu_s": []}
+            delivered: list[bool] = []
+
+            def without() -> float:
+                return task.train(epochs, None)[0]
+
+            def with_trainwire() -> float:
+                t0 = time.perf_counter()
+                run = trainwire.init(project="bench", name=NAME, url=server.url, token=c.TOKEN)
+                t1 = time.perf_counter()
+                loop_s, _ = task.train(epochs, run)
+                t2 = time.perf_counter()
+                overheads["sender_cpu_s"].append(c.thread_cpu_seconds(run._sender.native_id))
+                run.finish(timeout=60)
+                overheads["init_s"].append(t1 - t0)
+                overheads["finish_s"].append(time.perf_counter() - t2)
+                delivered.append(run.delivered)
+                return loop_s
+
+            load = c.MachineLoad([server.pid])
+            times = c.interleaved(
+                {"A (no trainwire)": without, "B (trainwire)": with_trainwire}, pairs
+            )
+            machine_load = load.stop()
+        # How the sender cut what it sent: batches (commits) per run, from the store.
+        with sqlite3.connect(tmp / "server" / "trainwire.db") as db:
+            batches, runs = db.execute("SELECT sum(commit_seq), count(*) FROM runs").fetchone()
+
+    a, b = times["A (no trainwire)"], times["B (trainwire)"]
+    steps = epochs * steps_per_epoch // 2
+    overhead = (c.median(b) / c.median(a) - 1) * 100
+    paired = c.median([(tb / ta - 1) * 100 for ta, tb in zip(a, b, strict=True)])
+    noise = c.spread(a) * 100
+    per_step_us = (c.median(b) - c.median(a)) / steps * 1e6
+    print()
+    print(
+        f"  A median {c.median(a):.3f} s, B median {c.median(b):.3f} s over {steps} steps:"
+        f" {overhead:+.2f}% ({per_step_us:+.1f} µs per step); median of paired"
+        f" differences {paired:+.2f}%; noise (spread of A) {noise:.2f}%,"
+        f" spread of B {c.spread(b) * 100:.2f}%"
+    )
+    sender_us = c.median(overheads["sender_cpu_s"]) / steps * 1e6
+    rows_per_batch = steps * runs / batches if batches else float("nan")
+    batches_per_s = batches / runs / c.median(b) if batches else float("nan")
+    print(
+        f"  the sender thread used {sender_us:.1f} µs of CPU per logged step (its own"
+        f" thread; it needs the GIL for most of it); it sent {rows_per_batch:.1f} rows per"
+        f" batch, {batches_per_s:.0f} batches/s"
+    )
+    print(
+        f"  init() median {c.median(overheads['init_s']) * 1e3:.1f} ms, finish()"
+        f" median {c.median(overheads['finish_s']) * 1e3:.1f} ms (outside the loop);"
+        f" all delivered: {all(delivered)}"
+    )
+    checks = [
+        c.Check(
+            "loop slowdown with trainwire",
+            overhead,
+            "%",
+            TARGET_PERCENT,
+            note=f"noise (spread of {pairs} baseline runs) {noise:.2f}%;"
+            f" paired median {paired:+.2f}%; {per_step_us:+.1f} µs/step",
+        )
+    ]
+    data: dict[str, Any] = {
+        "a_seconds": a,
+        "b_seconds": b,
+        "steps_per_run": steps,
+        "overhead_percent": overhead,
+        "paired_median_percent": paired,
+        "noise_percent": noise,
+        "b_spread_percent": c.spread(b) * 100,
+        "per_step_us": per_step_us,
+        "baseline_step_us": c.median(a) / steps * 1e6,
+        "sender_cpu_us_per_step": sender_us,
+        "rows_per_batch": rows_per_batch,
+        "batches_per_s": batches_per_s,
+        "init_s": overheads["init_s"],
+        "finish_s": overheads["finish_s"],
+        "all_delivered": all(delivered),
+    }
+    c.report(
+        NAME,
+        checks,
+        quick=args.quick,
+        params={"pairs": pairs, "epochs_per_run": epochs, "batch": BATCH, "torch_threads": 1},
+        data=data,
+        load=machine_load,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
