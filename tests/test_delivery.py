@@ -251,3 +251,43 @@ def test_past_the_disk_bound_new_points_are_dropped_counted_and_reported(
     assert run._sender.dropped_rows > 0
     assert caplog.text.count("reached its bound") == 1
     assert f"{run._sender.dropped_rows} rows of run {run.id} were dropped" in caplog.text
+
+
+def test_rows_undelivered_at_finish_stay_on_disk_and_sync_later(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+    run = trainwire.init(url=f"http://127.0.0.1:{port}")
+    for step in range(300):
+        run.log({"x": float(step)})
+    run.finish(timeout=200 * MS)
+    assert not run.delivered and run.path.exists()
+    server = LiveServer(data_dir=tmp_path / "server", port=port)
+    server.start()
+    try:
+        assert main(["sync", str(run.path), "--url", server.url]) == 0
+        assert stored_steps(server, run.id, "x") == list(range(300))
+        assert server.store.get_run(run.id).status == "finished"  # type: ignore[union-attr]
+    finally:
+        server.stop()
+
+
+def test_a_refused_token_ends_finish_at_once_and_keeps_the_rows(
+    live_server: LiveServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    import time
+
+    caplog.set_level(logging.WARNING, logger="trainwire.client")
+    run = trainwire.init(url=live_server.url, token="not-the-token")
+    run.log({"x": 1.0})
+    started = time.monotonic()
+    run.finish(timeout=30.0)
+    assert time.monotonic() - started < 15.0  # not the whole timeout
+    assert "invalid, expired or revoked token" in caplog.text
+    assert run.path.exists() and not run.delivered
+    assert main(["sync", str(run.path), "--url", live_server.url]) == 0
+    assert stored_steps(live_server, run.id, "x") == [0]

@@ -18,7 +18,7 @@ import time
 from collections import deque
 from typing import Any, Final
 
-from websockets.exceptions import WebSocketException
+from websockets.exceptions import ConnectionClosedError, InvalidStatus, WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
 from trainwire.client.spool import SpillingOutbox
@@ -96,6 +96,7 @@ class Sender(threading.Thread):
         self.dropped_rows = 0
         self.dropped_values = 0
         self._last_step = -1
+        self.refused: str | None = None
         # Rows with steps of their own (system metrics): not part of the step count.
         self.system_queue: deque[LoggedRow] = deque()
         self.tensors = TensorResolver()
@@ -133,6 +134,12 @@ class Sender(threading.Thread):
         finally:
             outbox = self.session.outbox
             if isinstance(outbox, SpillingOutbox):
+                if self.url is not None and not self.complete:
+                    # Out of time with the server away (or refusing us): keep every
+                    # undelivered row on disk, for `trainwire sync`.
+                    if self._closing.is_set():
+                        self._drain()
+                    outbox.persist()
                 outbox.close()
 
     def _write_offline(self) -> None:
@@ -147,6 +154,24 @@ class Sender(threading.Thread):
                 self._connect_and_pump(url)
                 if self._finished():
                     return
+            except InvalidStatus as exc:
+                self.session.connection_lost()
+                self._warn_once("status", "trainwire server %s refused: %s; retrying", url, exc)
+            except ConnectionClosedError as exc:
+                self.session.connection_lost()
+                code = exc.rcvd.code if exc.rcvd is not None else None
+                if code in (4401, 4403):
+                    # A token refused will be refused again: say so, and let finish()
+                    # end without waiting out its timeout; the rows stay on disk.
+                    self.refused = exc.rcvd.reason if exc.rcvd is not None else "refused"
+                if code is not None and code >= 4000:
+                    # Refused by the server (a token, a limit, a version): say why.
+                    reason = exc.rcvd.reason if exc.rcvd is not None else ""
+                    self._warn_once(f"close:{code}", "trainwire server %s refused: %s", url, reason)
+                else:
+                    self._warn_once(
+                        "connect", "trainwire server %s unreachable (%s); retrying", url, exc
+                    )
             except (OSError, TimeoutError, WebSocketException, ProtocolError) as exc:
                 self.session.connection_lost()
                 self._warn_once(
@@ -289,7 +314,7 @@ class Sender(threading.Thread):
     def _finished(self) -> bool:
         if not self._closing.is_set():
             return False
-        return self.complete or self._time_left() <= 0
+        return self.complete or self._time_left() <= 0 or self.refused is not None
 
     def _time_left(self) -> float:
         return self._deadline - time.monotonic()

@@ -201,6 +201,27 @@ class SpillingOutbox:
     def spilling(self) -> bool:
         return bool(self._index)
 
+    def persist(self) -> None:
+        """Write every undelivered item to the file, oldest first, and keep it: the
+        process is ending with the server unreachable (or refusing), and what was
+        held in memory would be lost otherwise."""
+        if not self._memory:
+            self.keep = True
+            return
+        first = self.first_seq
+        assert first is not None
+        items = self.items(first, len(self))
+        if self._file is not None:
+            self._file.truncate(self._data_start)
+        self._memory.clear()
+        self._memory_rows = 0
+        self._index.clear()
+        self._disk_rows = 0
+        self.memory_rows = 0  # from now on, everything goes to the file
+        for item in items:
+            self.append(item)
+        self.keep = True
+
     def close(self) -> None:
         """Close the file; delete it if it holds nothing undelivered (and not ``keep``)."""
         if self._file is None:
