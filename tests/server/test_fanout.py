@@ -7,9 +7,9 @@ import json
 from typing import Any
 
 from trainwire.protocol.columns import series_from_rows
-from trainwire.protocol.messages import Points, RunInfo, Series, Subscribe, encode_json
+from trainwire.protocol.messages import Points, RunInfo, Series, Subscribe, Unsubscribe, encode_json
 from trainwire.server.bus import PointsCommitted, RunChanged
-from trainwire.server.fanout import DashboardFeed
+from trainwire.server.fanout import DashboardFeed, Followers
 
 
 class History:
@@ -108,3 +108,32 @@ def test_run_updates_are_coalesced_to_the_latest_state() -> None:
         assert [(f["type"], f["run"]["status"]) for f in browser.frames] == [("run", "finished")]
 
     asyncio.run(scenario())
+
+
+def test_an_event_without_a_frame_is_answered_from_storage() -> None:
+    """Ingest builds no frame for a run nobody followed when it committed."""
+
+    async def scenario() -> None:
+        history, browser = History(), Browser()
+        feed = DashboardFeed(history.read, browser.send)
+        feed.command(Subscribe("r", 0))
+        await feed.pump()
+        event = history.commit(1, 5)
+        feed.on_event(PointsCommitted(event.run_id, event.prev_seq, event.seq, b""))
+        await feed.pump()
+        assert browser.steps() == [5]
+
+    asyncio.run(scenario())
+
+
+def test_followers_count_the_runs_that_open_dashboards_follow() -> None:
+    followers = Followers()
+    first = DashboardFeed(History().read, Browser().send, followers=followers)
+    second = DashboardFeed(History().read, Browser().send, followers=followers)
+    first.command(Subscribe("r", 0))
+    first.command(Subscribe("r", 3))  # again: still one follower
+    second.command(Subscribe("r", 0))
+    first.command(Unsubscribe("r"))
+    assert "r" in followers
+    second.close()
+    assert "r" not in followers

@@ -16,7 +16,7 @@ from trainwire import __version__
 from trainwire.server.api import router
 from trainwire.server.auth import Authenticator, AuthMiddleware, SecurityHeadersMiddleware
 from trainwire.server.bus import Bus, MemoryBus, RunChanged
-from trainwire.server.fanout import serve_dashboard
+from trainwire.server.fanout import Followers, serve_dashboard
 from trainwire.server.ingest import serve_trainer
 from trainwire.server.limits import ConnectionLimitMiddleware, RateLimiter
 from trainwire.server.watch import RunWatch
@@ -93,17 +93,24 @@ def create_app(
     )
     app.include_router(router)
     new_runs = RateLimiter(settings.limits.max_new_runs_per_minute)
+    followers = Followers()
 
     @app.websocket("/ws/ingest")
     async def ingest(ws: WebSocket) -> None:
         await serve_trainer(
-            ws, app.state.store, app.state.bus, app.state.watch, settings.limits, new_runs
+            ws,
+            app.state.store,
+            app.state.bus,
+            app.state.watch,
+            settings.limits,
+            new_runs,
+            followers,
         )
 
     @app.websocket("/ws/dashboard")
     async def dashboard(ws: WebSocket) -> None:
         await serve_dashboard(
-            ws, app.state.store, app.state.bus, __version__, settings.dashboard_queue
+            ws, app.state.store, app.state.bus, __version__, settings.dashboard_queue, followers
         )
 
     # Last, so that it never shadows the API: the dashboard ships inside the package.

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from typing import Final
 
@@ -40,7 +40,7 @@ from trainwire.protocol.messages import (
 from trainwire.server.bus import Bus, BusEvent, PointsCommitted, RunChanged
 from trainwire.storage import Store
 
-__all__ = ["DashboardFeed", "serve_dashboard"]
+__all__ = ["DashboardFeed", "Followers", "serve_dashboard"]
 
 logger = logging.getLogger("trainwire.server")
 
@@ -48,6 +48,31 @@ ReadMetrics = Callable[[str, int], Awaitable[tuple[int, dict[str, Series]]]]
 SendFrame = Callable[[bytes], Awaitable[None]]
 
 DEFAULT_MAX_QUEUED: Final = 1024
+
+
+class Followers:
+    """The runs some dashboard of this process follows.
+
+    Ingest builds a run's JSON ``points`` frame only for these: nobody watching, no
+    frame (a measurable share of ingest time). A dashboard that subscribes between
+    that check and the commit gets an event with no frame, and catches up from
+    storage instead. With several server processes (a Redis bus), a run followed
+    only elsewhere is caught up from storage there; correct, if slower.
+    """
+
+    def __init__(self) -> None:
+        self._count: Counter[str] = Counter()
+
+    def add(self, run_id: str) -> None:
+        self._count[run_id] += 1
+
+    def remove(self, run_id: str) -> None:
+        self._count[run_id] -= 1
+        if self._count[run_id] <= 0:
+            del self._count[run_id]
+
+    def __contains__(self, run_id: object) -> bool:
+        return run_id in self._count
 
 
 class DashboardFeed:
@@ -61,8 +86,14 @@ class DashboardFeed:
     """
 
     def __init__(
-        self, read_metrics: ReadMetrics, send: SendFrame, max_queued: int = DEFAULT_MAX_QUEUED
+        self,
+        read_metrics: ReadMetrics,
+        send: SendFrame,
+        max_queued: int = DEFAULT_MAX_QUEUED,
+        followers: Followers | None = None,
     ) -> None:
+        self._followers = followers if followers is not None else Followers()
+        self._following: set[str] = set()
         self._read_metrics = read_metrics
         self._send = send
         self._max_queued = max_queued
@@ -95,8 +126,21 @@ class DashboardFeed:
 
     def command(self, message: DashboardIn) -> None:
         """A message from the browser."""
+        match message:
+            case Subscribe(run=run_id) if run_id not in self._following:
+                self._following.add(run_id)
+                self._followers.add(run_id)
+            case Unsubscribe(run=run_id) if run_id in self._following:
+                self._following.discard(run_id)
+                self._followers.remove(run_id)
         self._commands.append(message)
         self._wake.set()
+
+    def close(self) -> None:
+        """The browser is gone: it follows nothing any more."""
+        for run_id in self._following:
+            self._followers.remove(run_id)
+        self._following.clear()
 
     # -- output ---------------------------------------------------------------------
 
@@ -129,7 +173,7 @@ class DashboardFeed:
             last = self._last_sent.get(event.run_id)
             if last is None or event.seq <= last:
                 continue  # unsubscribed, or already sent by a catch-up
-            if event.prev_seq != last:
+            if event.prev_seq != last or not event.frame:
                 await self._catch_up(event.run_id, snapshot=False)
                 continue
             await self._send(event.frame)
@@ -148,7 +192,12 @@ class DashboardFeed:
 
 
 async def serve_dashboard(
-    ws: WebSocket, store: Store, bus: Bus, version: str, max_queued: int
+    ws: WebSocket,
+    store: Store,
+    bus: Bus,
+    version: str,
+    max_queued: int,
+    followers: Followers | None = None,
 ) -> None:
     """Run one browser connection until it closes."""
     await ws.accept()
@@ -159,7 +208,7 @@ async def serve_dashboard(
     async def read_metrics(run_id: str, after: int) -> tuple[int, dict[str, Series]]:
         return await run_in_threadpool(store.metrics, run_id, None, after)
 
-    feed = DashboardFeed(read_metrics, send, max_queued)
+    feed = DashboardFeed(read_metrics, send, max_queued, followers)
     # Subscribe before listing runs, so no run created in between is missed.
     unsubscribe = bus.subscribe(feed.on_event)
     writer: asyncio.Task[None] | None = None
@@ -184,6 +233,7 @@ async def serve_dashboard(
         return
     finally:
         unsubscribe()
+        feed.close()
         if writer is not None:
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect, RuntimeError):

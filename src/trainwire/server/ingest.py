@@ -14,6 +14,7 @@ from trainwire.protocol.columns import series_from_rows, spelled
 from trainwire.protocol.messages import Batch, Finish, Hello, Points, encode_json
 from trainwire.protocol.session import ServerSession
 from trainwire.server.bus import Bus, PointsCommitted, RunChanged
+from trainwire.server.fanout import Followers
 from trainwire.server.limits import RateLimiter, client_address
 from trainwire.server.watch import RunWatch
 from trainwire.settings import Limits
@@ -25,7 +26,13 @@ logger = logging.getLogger("trainwire.server")
 
 
 async def serve_trainer(
-    ws: WebSocket, store: Store, bus: Bus, watch: RunWatch, limits: Limits, new_runs: RateLimiter
+    ws: WebSocket,
+    store: Store,
+    bus: Bus,
+    watch: RunWatch,
+    limits: Limits,
+    new_runs: RateLimiter,
+    followers: Followers | None = None,
 ) -> None:
     """Run one trainer connection until it closes.
 
@@ -40,7 +47,7 @@ async def serve_trainer(
     )
     # Runs are rate-limited per token, or per address when authentication is off.
     principal = str(ws.scope.get("trainwire.principal") or client_address(ws.scope))
-    context = _Context(store, bus, watch, new_runs, principal)
+    context = _Context(store, bus, watch, new_runs, principal, followers)
     try:
         await _serve(ws, session, context, limits.max_frame_bytes)
     finally:
@@ -55,6 +62,7 @@ class _Context:
     watch: RunWatch
     new_runs: RateLimiter
     principal: str
+    followers: Followers | None
 
 
 async def _serve(
@@ -122,8 +130,10 @@ async def _handle(
                     rows = [
                         (step, t, {prefix + k: v for k, v in vs.items()}) for step, t, vs in rows
                     ]
-                series = spelled(series_from_rows(rows))
-                frame = encode_json(Points(run=run_id, seq=commit.seq, series=series))
+                frame = b""  # nobody follows the run here: see Followers
+                if context.followers is None or run_id in context.followers:
+                    series = spelled(series_from_rows(rows))
+                    frame = encode_json(Points(run=run_id, seq=commit.seq, series=series))
                 await bus.publish(PointsCommitted(run_id, commit.prev_seq, commit.seq, frame))
         case Finish(seq=seq, status=status):
             hello = _opened(session)
