@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import http.client
 import json
 import logging
 import os
@@ -52,6 +51,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
+
+import _common as c  # bench/ is on sys.path when a bench runs as a script
 
 import trainwire
 from trainwire.storage import SQLiteStore
@@ -87,16 +88,7 @@ TOKEN: Final = secrets.token_urlsafe(24)
 
 def http_get(port: int, path: str, timeout: float = 5.0) -> Any:
     """GET a JSON document from the server; None if it does not answer (yet)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path, headers={"Authorization": f"Bearer {TOKEN}"})
-        response = conn.getresponse()
-        body = response.read()
-        return json.loads(body) if response.status == 200 else None
-    except (OSError, http.client.HTTPException, ValueError):
-        return None
-    finally:
-        conn.close()
+    return c.http_get(f"http://127.0.0.1:{port}", path, TOKEN, timeout)
 
 
 class Server:
