@@ -12,9 +12,21 @@ import platformdirs
 
 from trainwire.exceptions import ConfigError
 
-__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "Limits", "Settings", "default_data_dir", "is_loopback"]
+__all__ = [
+    "DEFAULT_HOST",
+    "DEFAULT_PORT",
+    "DISCOVERY_FILE",
+    "TOKEN_FILE",
+    "Limits",
+    "Settings",
+    "default_data_dir",
+    "is_loopback",
+]
 
 DEFAULT_HOST: Final = "127.0.0.1"
+# In a data directory: the running server's URL and pid, and its admin token.
+DISCOVERY_FILE: Final = "server.json"
+TOKEN_FILE: Final = "token"
 DEFAULT_PORT: Final = 8765
 
 
@@ -85,7 +97,7 @@ class Settings:
 
     @property
     def token_path(self) -> Path:
-        return self.data_dir / "token"
+        return self.data_dir / TOKEN_FILE
 
     @property
     def tls(self) -> bool:

@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import Final
 
 from trainwire.exceptions import TransientError
-from trainwire.settings import DEFAULT_PORT
+from trainwire.settings import DEFAULT_PORT, DISCOVERY_FILE, TOKEN_FILE
 
-__all__ = ["DISCOVERY_FILE", "ensure_local_server", "is_trainwire", "read_discovery"]
+__all__ = ["ensure_local_server", "is_trainwire", "local_token", "read_discovery"]
 
 logger = logging.getLogger("trainwire.client")
 
-DISCOVERY_FILE: Final = "server.json"
 
 _LAUNCHER: Final = (
     "import subprocess, sys; "
@@ -53,7 +52,7 @@ def is_trainwire(url: str, timeout: float = 2.0) -> bool:
 def local_token(data_dir: Path) -> str | None:
     """The local server's admin token, made on its first start."""
     try:
-        return (data_dir / "token").read_text().strip() or None
+        return (data_dir / TOKEN_FILE).read_text().strip() or None
     except OSError:
         return None
 

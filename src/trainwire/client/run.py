@@ -75,6 +75,7 @@ class Run:
         max_disk_bytes: int = DEFAULT_DISK_BYTES,
         enabled: bool = True,
         token: str | None = None,
+        insecure: bool | None = None,
         system_metrics: bool = False,
     ) -> None:
         self.id = spec.id
@@ -113,7 +114,7 @@ class Run:
         self._sender = Sender(
             session,
             self._queue,
-            _ingest_url(self.server_url) if self.server_url else None,
+            _ingest_url(self.server_url, insecure) if self.server_url else None,
             flush_interval=flush_interval,
             token=token,
         )
@@ -245,7 +246,7 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _ingest_url(server_url: str, insecure: bool = True) -> str:
+def _ingest_url(server_url: str, insecure: bool | None = None) -> str:
     """The trainer endpoint of a server URL.
 
     Raises:
@@ -253,6 +254,8 @@ def _ingest_url(server_url: str, insecure: bool = True) -> str:
             ``insecure`` (the token and every metric would cross the network in
             clear text).
     """
+    if insecure is None:
+        insecure = os.environ.get("TRAINWIRE_INSECURE", "") not in ("", "0")
     parts = urlsplit(server_url)
     scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme)
     if scheme is None:
@@ -389,10 +392,14 @@ def init(
         run = Run(spec, None, rank=rank if ranks == "all" else None, **options)
     else:
         server, token = resolve_server(url, token, data_dir)
-        if insecure is None:
-            insecure = os.environ.get("TRAINWIRE_INSECURE", "") not in ("", "0")
-        _ingest_url(server, insecure)  # validate before starting a thread
-        run = Run(spec, server, rank=rank if ranks == "all" else None, token=token, **options)
+        run = Run(
+            spec,
+            server,
+            rank=rank if ranks == "all" else None,
+            token=token,
+            insecure=insecure,
+            **options,
+        )
     _current = run
     return run
 

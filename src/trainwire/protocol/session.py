@@ -353,8 +353,3 @@ def _decode(decoder: msgspec.msgpack.Decoder[T], data: bytes, what: str) -> T:
         raise ProtocolError(f"{what}: {exc}") from exc
     except RecursionError:
         raise ProtocolError(f"{what}: nested too deeply") from None
-
-
-def encode_trainer_message(message: TrainerToServer) -> bytes:
-    """Encode a trainer frame (used by tests and tools that speak the protocol)."""
-    return _encoder.encode(message)

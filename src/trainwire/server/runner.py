@@ -23,7 +23,7 @@ from starlette.types import ASGIApp
 from trainwire import __version__
 from trainwire.exceptions import ConfigError
 from trainwire.server.app import create_app
-from trainwire.settings import Settings, is_loopback
+from trainwire.settings import DISCOVERY_FILE, Settings, is_loopback
 from trainwire.storage.tokens import new_secret
 
 __all__ = [
@@ -39,7 +39,6 @@ __all__ = [
 
 logger = logging.getLogger("trainwire.server")
 
-DISCOVERY_FILE: Final = "server.json"
 LOCK_FILE: Final = "server.lock"
 
 
