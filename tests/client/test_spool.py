@@ -64,7 +64,27 @@ def test_the_file_never_grows_past_its_bound(tmp_path: Path) -> None:
         seq += 1
     assert seq > 2
     one_batch = 4 + len(msgspec.msgpack.encode(batch(seq)))
-    assert 400 - one_batch < box.path.stat().st_size <= 400
+    finish = 4 + len(msgspec.msgpack.encode(Finish(seq=seq)))
+    assert 400 - one_batch - 2 * finish < box.path.stat().st_size <= 400 - finish
+    box.append(Finish(seq=seq))  # the run's end is never refused: there is room for it
+    assert box.path.stat().st_size <= 400
+    box.close()
+
+
+def test_the_bound_holds_once_what_was_in_memory_is_persisted_too(tmp_path: Path) -> None:
+    """finish() with the server away writes the oldest items, held in memory, to the
+    file as well: the bound kept room for them."""
+    box = outbox(tmp_path, memory_rows=8, disk_bytes=800)
+    seq = 1
+    while box.accepts(batch(seq)):
+        box.append(batch(seq))
+        seq += 1
+    assert box.spilling and box.spilled == seq - 1 - 4  # four items are in memory
+    box.drop_through(1)  # the server acknowledged one before it went away
+    box.append(Finish(seq=seq))
+    box.persist()
+    assert box.path.stat().st_size <= 800
+    assert [item.seq for item in box.items(2, 100)] == list(range(2, seq + 1))
     box.close()
 
 

@@ -20,7 +20,7 @@ from typing import IO, Final
 import msgspec
 
 from trainwire.exceptions import ConfigError
-from trainwire.protocol.messages import PROTOCOL_VERSION, RunSpec, Sequenced
+from trainwire.protocol.messages import PROTOCOL_VERSION, Finish, RunSpec, Sequenced
 
 __all__ = ["MAGIC", "RunHeader", "SpillingOutbox", "new_header"]
 
@@ -30,6 +30,11 @@ MAGIC: Final = b"TWRUN1\n"
 _LENGTH: Final = struct.Struct("<I")
 _item_decoder: Final[msgspec.msgpack.Decoder[Sequenced]] = msgspec.msgpack.Decoder(Sequenced)
 _encoder: Final = msgspec.msgpack.Encoder()
+# The run's end is appended whatever the bound (it must never be dropped): the largest
+# finish record is kept free.
+_FINISH_ROOM: Final = _LENGTH.size + max(
+    len(_encoder.encode(Finish(seq=2**63 - 1, status=status))) for status in ("finished", "crashed")
+)
 
 
 class RunHeader(msgspec.Struct, frozen=True):
@@ -74,6 +79,9 @@ class SpillingOutbox:
         self.keep = keep
         self._memory: deque[Sequenced] = deque()
         self._memory_rows = 0
+        # The bytes the items in memory will take in the file once persist() moves
+        # them there; known (None: not yet counted) only while the file is in use.
+        self._memory_bytes: int | None = None
         self._file: IO[bytes] | None = None
         self._data_start = 0
         self._index: deque[tuple[int, int, int, int]] = deque()  # seq, offset, size, rows
@@ -137,12 +145,21 @@ class SpillingOutbox:
             size = self._file.seek(0, os.SEEK_END)
         else:  # the header comes first
             size = len(MAGIC) + _LENGTH.size + len(_encoder.encode(self.header))
-        return size + _LENGTH.size + len(body) <= self.disk_bytes
+        # Room is kept for the items still in memory: if the server never answers,
+        # persist() writes them to the file too, and the bound must hold then.
+        needed = self._held_bytes() + _LENGTH.size + len(body) + _FINISH_ROOM
+        return size + needed <= self.disk_bytes
+
+    def _held_bytes(self) -> int:
+        if self._memory_bytes is None:  # counted once per spill, then kept up to date
+            self._memory_bytes = sum(_LENGTH.size + len(_encoder.encode(i)) for i in self._memory)
+        return self._memory_bytes
 
     def append(self, item: Sequenced) -> None:
         if self._goes_to_memory(item):
             self._memory.append(item)
             self._memory_rows += item.row_count
+            self._memory_bytes = None
             return
         handle = self._open()
         body = self._encoded(item)
@@ -171,7 +188,10 @@ class SpillingOutbox:
 
     def drop_through(self, seq: int) -> None:
         while self._memory and self._memory[0].seq <= seq:
-            self._memory_rows -= self._memory.popleft().row_count
+            item = self._memory.popleft()
+            self._memory_rows -= item.row_count
+            if self._memory_bytes is not None:
+                self._memory_bytes -= _LENGTH.size + len(_encoder.encode(item))
         while self._index and self._index[0][0] <= seq:
             self._disk_rows -= self._index.popleft()[3]
         if not self._index and self._file is not None and not self.keep:
@@ -215,6 +235,7 @@ class SpillingOutbox:
             self._file.truncate(self._data_start)
         self._memory.clear()
         self._memory_rows = 0
+        self._memory_bytes = None
         self._index.clear()
         self._disk_rows = 0
         self.memory_rows = 0  # from now on, everything goes to the file
