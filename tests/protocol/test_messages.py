@@ -67,3 +67,14 @@ def test_backoff_survives_thousands_of_attempts() -> None:
     for _ in range(5000):
         delay = backoff.next_delay(lambda: 0.5)
     assert delay == pytest.approx(3.75)
+
+
+def test_spelling_leaves_finite_columns_alone_and_spells_the_rest() -> None:
+    finite = Series(step=[0, 1], time=[0.0, 1.0], value=[1.5, 1e308])
+    overflowing = Series(step=[0, 1], time=[0.0, 1.0], value=[1e308, 1e308])  # sum is inf
+    mixed = Series(step=[0, 1, 2], time=[0.0] * 3, value=[math.nan, 2.0, -math.inf])
+    spelled({"a": finite, "b": overflowing, "c": mixed})
+    assert finite.value == [1.5, 1e308] and overflowing.value == [1e308, 1e308]
+    assert mixed.value == ["NaN", 2.0, "-Infinity"]
+    spelled({"c": mixed})  # spelling twice changes nothing
+    assert mixed.value == ["NaN", 2.0, "-Infinity"]

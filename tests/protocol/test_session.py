@@ -202,6 +202,25 @@ def test_server_refuses_a_non_numeric_value_naming_where_it_is() -> None:
         server.receive_frame(bad)
 
 
+def test_a_hello_from_a_client_that_knows_no_env_is_welcome() -> None:
+    older = {
+        "type": "hello",
+        "v": PROTOCOL_VERSION,
+        "run": {"id": "r", "project": "p", "name": "n"},
+    }
+    hello = ServerSession().receive_frame(enc(older))
+    assert isinstance(hello, Hello) and hello.run.env == {} and hello.run.config == {}
+
+
+@pytest.mark.parametrize("field", ["config", "env"])
+def test_config_and_env_must_be_json_like_to_be_stored(field: str) -> None:
+    # A nil map key: msgpack has room for it, JSON (what storage keeps) has none.
+    run = {"id": "r", "project": "p", "name": "n", field: {"gpus": {None: "H100"}}}
+    with pytest.raises(ProtocolError, match=f"{field} must be JSON-like") as info:
+        ServerSession().receive_frame(enc({"type": "hello", "v": PROTOCOL_VERSION, "run": run}))
+    assert info.value.code == 1003
+
+
 def test_server_refuses_a_second_hello_and_seq_zero() -> None:
     server = ServerSession()
     server.receive_frame(enc(Hello(v=PROTOCOL_VERSION, run=SPEC)))

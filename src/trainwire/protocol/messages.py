@@ -78,6 +78,9 @@ class RunSpec(msgspec.Struct, frozen=True):
     project: str
     name: str
     config: dict[str, Any] = {}
+    # Where the run was started (host, Python, command line, GPUs...): recorded by
+    # init(); older clients leave it out.
+    env: dict[str, Any] = {}
 
 
 # -- trainer -> server (msgpack) ---------------------------------------------------
@@ -164,6 +167,7 @@ class RunInfo(msgspec.Struct, frozen=True):
     created: float
     updated: float
     config: dict[str, Any]
+    env: dict[str, Any] = {}
 
 
 class Series(msgspec.Struct):

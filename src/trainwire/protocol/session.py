@@ -280,10 +280,12 @@ class ServerSession:
                     )
                 if self.run is not None:
                     raise ProtocolError("hello sent twice", code=1008)
-                try:  # stored as JSON: msgpack allows map keys JSON has no room for
-                    msgspec.json.encode(run.config)
-                except (TypeError, ValueError, RecursionError) as exc:
-                    raise ProtocolError(f"config must be JSON-like: {exc}") from None
+                # Stored as JSON: msgpack allows map keys JSON has no room for.
+                for name, value in (("config", run.config), ("env", run.env)):
+                    try:
+                        msgspec.json.encode(value)
+                    except (TypeError, ValueError, RecursionError) as exc:
+                        raise ProtocolError(f"{name} must be JSON-like: {exc}") from None
                 return message
             case Batch(seq=seq) | Finish(seq=seq):
                 if self.run is None:
