@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                 thread.join(60)
             profile = profiler.summary() if profiler else []
         with sqlite3.connect(tmp / "server" / "trainwire.db") as db:
-            stored = db.execute("SELECT count(*) FROM points").fetchone()[0]
+            stored = db.execute("SELECT coalesce(sum(n), 0) FROM chunks").fetchone()[0]
 
     errors = [t.error for t in trainers if t.error]
     window_start, window_end = t0 + warmup, deadline[0]

@@ -1,15 +1,25 @@
 from __future__ import annotations
 
+import itertools
 import math
 import sqlite3
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from trainwire.exceptions import StorageError
 from trainwire.protocol.messages import Batch, RunSpec
-from trainwire.storage import Commit, SQLiteStore
-from trainwire.storage.sqlite import SCHEMA_VERSION
+from trainwire.storage import (
+    Commit,
+    SampledSeries,
+    SeriesSummary,
+    SQLiteStore,
+    sqlite as sqlite_module,
+)
+from trainwire.storage.sqlite import MERGE_AT, SCHEMA_VERSION
 
 SPEC = RunSpec(id="r1", project="digits", name="cnn", config={"lr": 0.003, "layers": [1, 2]})
 
@@ -131,3 +141,261 @@ def test_a_run_is_finished_when_every_stream_is_and_crashed_if_one_vanished(
     assert store.get_run("r1").status == "running"  # type: ignore[union-attr]
     info = store.set_status("r1", "b", "finished", seq=1, now=5.0)
     assert info is not None and info.status == "finished"
+
+
+# -- chunks: compaction, history, summary --------------------------------------------------
+
+Logged = tuple[int, str, int, float, float]  # commit, key, step, time, value
+
+
+def model_metrics(log: list[Logged], after: int) -> dict[str, tuple[list[int], list[float]]]:
+    """What a row-per-point store answers: points committed after ``after``, per key in
+    order of the key's first point, in logging order."""
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for _, key, _, _, _ in log:
+        series.setdefault(key, ([], []))
+    for seq, key, step, time, _ in log:
+        if seq > after:
+            series[key][0].append(step)
+            series[key][1].append(time)
+    return {key: columns for key, columns in series.items() if columns[0]}
+
+
+def as_columns(store: SQLiteStore, run_id: str, after: int) -> dict[str, Any]:
+    _, series = store.metrics(run_id, after=after)
+    return {key: (s.step, s.time) for key, s in series.items()}
+
+
+def chunk_rows(path: Path) -> list[tuple[int, int, int, int]]:
+    with sqlite3.connect(path) as db:
+        return db.execute(
+            "SELECT series_id, seq_lo, seq_hi, n FROM chunks ORDER BY series_id, seq_hi"
+        ).fetchall()
+
+
+batches = st.lists(
+    st.tuples(
+        # Mostly the tiny batches of a live trainer, sometimes a large one.
+        st.one_of(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.integers(8, 40)),
+        st.sampled_from([("a",), ("b",), ("a", "b")]),
+    ),
+    min_size=1,
+    max_size=60,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batches=batches)
+def test_compacted_chunks_answer_every_catch_up_as_one_row_per_point_would(
+    tmp_path_factory: pytest.TempPathFactory, batches: list[tuple[int, tuple[str, ...]]]
+) -> None:
+    """Small constants, so that merges, merges of merged chunks and large chunks that
+    end a run of small ones all happen within a few dozen batches."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sqlite_module, "SMALL_CHUNK", 16)
+        patch.setattr(sqlite_module, "MERGE_AT", 4)
+        check_compaction(tmp_path_factory.mktemp("compaction") / "t.db", batches)
+
+
+def check_compaction(path: Path, batches: list[tuple[int, tuple[str, ...]]]) -> None:
+    store = SQLiteStore(path)
+    store.open_run(SPEC, "s", now=1.0)
+    log: list[Logged] = []
+    step = 0
+    for seq, (rows, keys) in enumerate(batches, start=1):
+        batch_rows = []
+        for _ in range(rows):
+            values = {key: float(step % 5) for key in keys}
+            batch_rows.append((step, float(step), values))
+            log.extend((seq, key, step, float(step), values[key]) for key in keys)
+            step += 1
+        assert store.append_batch("r1", "s", Batch(seq=seq, rows=batch_rows), now=1.0)
+        if seq % 7 == 0:  # a server restart: the tails are counted afresh
+            store.close()
+            store = SQLiteStore(path)
+    for after in range(len(batches) + 1):
+        assert as_columns(store, "r1", after) == model_metrics(log, after), after
+    # Bounded: per key, one row per 16 points, 3 small at the end, 3 before each large one.
+    rows = chunk_rows(path)
+    for series_id in {row[0] for row in rows}:
+        mine = [row for row in rows if row[0] == series_id]
+        large = sum(1 for row in mine if row[3] >= 16)
+        assert len(mine) <= large + 3 * (large + 1), mine
+    assert store.integrity_check() == "ok"
+    store.close()
+
+
+def test_a_live_trainers_tiny_batches_are_merged_as_they_come(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    store.open_run(SPEC, "s", now=1.0)
+    for seq in range(1, 201):  # two rows per batch, as at 100 steps/s with a 20 ms flush
+        store.append_batch("r1", "s", batch(seq, 2 * seq, 2 * seq + 1), now=1.0)
+    per_key = [row for row in chunk_rows(tmp_path / "t.db") if row[0] == 1]
+    assert len(per_key) < MERGE_AT and per_key[0][1:] == (1, 187, 374)
+    last_seq, series = store.metrics("r1", keys=["loss"], after=150)
+    assert last_seq == 200 and series["loss"].step == list(range(302, 402))
+
+
+def test_history_reads_a_step_range_across_chunk_boundaries(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    store.open_run(SPEC, "s", now=1.0)
+    # Chunks of steps 0-9, 10-19, ... and one written out of order, after the others.
+    for seq, first in enumerate([0, 10, 20, 40, 30], start=1):
+        store.append_batch("r1", "s", batch(seq, *range(first, first + 10)), now=1.0)
+    store.append_batch("r1", "s", batch(6, 25), now=1.0)  # step 25 again
+    seq, series = store.history("r1", ["loss"], start=18, end=32)
+    assert seq == 6 and list(series) == ["loss"]
+    loss = series["loss"]
+    assert loss.step == [18, 19, 20, 21, 22, 23, 24, 25, 25, 26, 27, 28, 29, 30, 31, 32]
+    assert loss.time[7:9] == [125.0, 125.0] and not loss.sampled
+    assert store.history("r1", start=100)[1] == {
+        "loss": SampledSeries([], [], [], False),
+        "acc": SampledSeries([], [], [], False),
+    }
+    assert store.history("r1", ["nope"]) == (6, {})
+    assert store.history("ghost") == (0, {})
+    _, everything = store.history("r1", ["acc"], points=10)
+    acc = everything["acc"]
+    assert acc.sampled and len(acc.step) <= 10 and acc.step == sorted(acc.step)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    steps=st.lists(st.integers(-20, 60), min_size=1, max_size=80),
+    cuts=st.lists(st.integers(1, 79), max_size=6),
+    start=st.none() | st.integers(-30, 70),
+    end=st.none() | st.integers(-30, 70),
+)
+def test_history_is_every_point_of_the_range_sorted_by_step(
+    tmp_path_factory: pytest.TempPathFactory,
+    steps: list[int],
+    cuts: list[int],
+    start: int | None,
+    end: int | None,
+) -> None:
+    store = SQLiteStore(tmp_path_factory.mktemp("history") / "t.db")
+    store.open_run(SPEC, "s", now=1.0)
+    bounds = [0, *sorted({c for c in cuts if c < len(steps)}), len(steps)]
+    for seq, (lo, hi) in enumerate(itertools.pairwise(bounds), start=1):
+        rows = [(steps[i], float(i), {"x": float(i)}) for i in range(lo, hi)]
+        store.append_batch("r1", "s", Batch(seq=seq, rows=rows), now=1.0)
+    _, series = store.history("r1", start=start, end=end)
+    expected = sorted(
+        (s, i)
+        for i, s in enumerate(steps)
+        if (start is None or s >= start) and (end is None or s <= end)
+    )
+    got = series["x"]
+    assert list(zip(got.step, got.time, strict=True)) == [(s, float(i)) for s, i in expected]
+    assert got.value == got.time and not got.sampled
+    store.close()
+
+
+def test_the_summary_is_count_last_and_finite_extremes_per_key(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    store.open_run(SPEC, "s", now=1.0)
+    rows = [(5, 1.0, {"x": 3.0, "y": math.nan}), (2, 1.0, {"x": -math.inf})]
+    store.append_batch("r1", "s", Batch(seq=1, rows=rows), now=1.0)
+    store.append_batch("r1", "s", Batch(seq=2, rows=[(1, 1.0, {"x": -7.5})]), now=1.0)
+    summary = store.summary("r1")
+    assert list(summary) == ["x", "y"]
+    # The last point as logged, not the highest step; extremes of finite values only.
+    assert summary["x"] == SeriesSummary(count=3, last=-7.5, last_step=1, min=-7.5, max=3.0)
+    y = summary["y"]
+    assert (y.count, y.last_step, y.min, y.max) == (1, 5, None, None) and math.isnan(y.last)
+    assert store.summary("ghost") == {}
+
+
+def test_deleting_a_run_deletes_its_chunks_and_nothing_else(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    other = RunSpec(id="r2", project="p", name="n")
+    for spec in (SPEC, other):
+        store.open_run(spec, "s", now=1.0)
+        for seq in range(1, 40):
+            store.append_batch(spec.id, "s", batch(seq, seq), now=1.0)
+    assert store.delete_run("r1") and not store.delete_run("r1")
+    assert store.metrics("r1") == (0, {})
+    assert store.metrics("r2")[1]["loss"].step == list(range(1, 40))
+    # A new run may take the deleted series' ids: its chunks start afresh.
+    store.open_run(SPEC, "s", now=2.0)
+    store.append_batch("r1", "s", batch(1, 100), now=2.0)
+    assert store.metrics("r1")[1]["loss"].step == [100]
+    assert store.integrity_check() == "ok"
+
+
+def test_the_environment_is_kept_from_the_first_opening(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    first = msgspec.structs.replace(SPEC, env={"host": "a", "gpus": ["H100"]})
+    store.open_run(first, "s", now=1.0)
+    store.open_run(msgspec.structs.replace(SPEC, env={"host": "b"}), "t", now=2.0)
+    run = store.get_run("r1")
+    assert run is not None and run.env == {"host": "a", "gpus": ["H100"]}
+    assert store.list_runs()[0].env == run.env
+
+
+# -- migration from version 2 ----------------------------------------------------------
+
+
+def make_v2_file(path: Path, points: list[tuple[int, int, int, float, float | None]]) -> None:
+    """A file as trainwire with schema version 2 left it: ``(series_id, seq, step, time,
+    value)`` rows in ``points``, NaN stored as NULL; series 1 is "loss", 2 is "acc"."""
+    db = sqlite3.connect(path, isolation_level=None)
+    for version, step in enumerate(sqlite_module._MIGRATIONS[:2], start=1):
+        assert isinstance(step, str)  # the old DDL, as it was
+        db.executescript(f"BEGIN; {step} PRAGMA user_version = {version}; COMMIT;")
+    last = max((seq for _, seq, _, _, _ in points), default=0)
+    db.execute(
+        "INSERT INTO runs VALUES ('r1', 'digits', 'cnn', 'finished', 1.0, 2.0, '{\"lr\": 1}', ?)",
+        (last,),
+    )
+    db.execute("INSERT INTO streams VALUES ('r1', 's', ?, 'finished')", (last,))
+    db.execute("INSERT INTO series VALUES (1, 'r1', 'loss'), (2, 'r1', 'acc')")
+    db.executemany("INSERT INTO points VALUES (?, ?, ?, ?, ?)", points)
+    db.execute("INSERT INTO tokens (id, hash, scope, created) VALUES ('t1', 'abc', 'read', 1.0)")
+    db.close()
+
+
+def test_a_version_2_file_is_migrated_to_chunks_losing_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_module, "SMALL_CHUNK", 5)  # several chunks per series
+    points: list[tuple[int, int, int, float, float | None]] = []
+    for seq in range(1, 9):
+        for step in range(seq * 3, seq * 3 + seq % 3 + 1):
+            points.append((1, seq, step, float(step), None if step == 7 else step / 2))
+        points.append((2, seq, 100 - seq, 0.5, float(seq)))  # logged out of step order
+    make_v2_file(tmp_path / "t.db", points)
+    store = SQLiteStore(tmp_path / "t.db")
+    db = sqlite3.connect(tmp_path / "t.db")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert "points" not in tables and {"chunks", "tokens"} <= tables
+    assert len(chunk_rows(tmp_path / "t.db")) < len(points)
+    db.close()
+    for after in range(9):
+        _, series = store.metrics("r1", after=after)
+        for series_id, key in ((1, "loss"), (2, "acc")):
+            mine = [p for p in points if p[0] == series_id and p[1] > after]
+            if not mine:
+                assert key not in series
+                continue
+            assert series[key].step == [p[2] for p in mine]
+            assert series[key].time == [p[3] for p in mine]
+            # NULL was NaN: compare NaN by name, since NaN != NaN.
+            got = ["NaN" if v != v else v for v in series[key].value]
+            assert got == ["NaN" if p[4] is None else p[4] for p in mine]
+    run = store.get_run("r1")
+    assert run is not None and (run.env, run.config, run.status) == ({}, {"lr": 1}, "finished")
+    assert store.summary("r1")["acc"] == SeriesSummary(8, 8.0, 92, 1.0, 8.0)
+    # The stream goes on where it stood, and compaction with it.
+    assert store.open_run(SPEC, "s", now=3.0) == 8
+    assert store.append_batch("r1", "s", batch(9, 200), now=3.0) == Commit(8, 9)
+    assert store.metrics("r1", keys=["loss"], after=8)[1]["loss"].step == [200]
+    assert store.integrity_check() == "ok"
+
+
+def test_an_empty_version_2_file_is_migrated(tmp_path: Path) -> None:
+    make_v2_file(tmp_path / "t.db", [])
+    store = SQLiteStore(tmp_path / "t.db")
+    assert store.metrics("r1") == (0, {}) and store.summary("r1") == {}
+    assert store.integrity_check() == "ok"

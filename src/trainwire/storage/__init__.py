@@ -3,7 +3,14 @@
 
 from __future__ import annotations
 
-from trainwire.storage.base import Commit, Store
+from trainwire.storage.base import Commit, SampledSeries, SeriesSummary, Store
 from trainwire.storage.sqlite import SeriesLimitExceeded, SQLiteStore
 
-__all__ = ["Commit", "SQLiteStore", "SeriesLimitExceeded", "Store"]
+__all__ = [
+    "Commit",
+    "SQLiteStore",
+    "SampledSeries",
+    "SeriesLimitExceeded",
+    "SeriesSummary",
+    "Store",
+]

@@ -7,7 +7,7 @@ from typing import Protocol
 
 from trainwire.protocol.messages import Batch, RunInfo, RunSpec, Series
 
-__all__ = ["Commit", "Store"]
+__all__ = ["Commit", "SampledSeries", "SeriesSummary", "Store"]
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,26 @@ class Commit:
 
     prev_seq: int
     seq: int
+
+
+class SampledSeries(Series):
+    """One metric's points over a step range, sorted by step. ``sampled``: True when
+    they were downsampled (see :mod:`trainwire.storage.downsample`), False when they
+    are every point stored in the range."""
+
+    sampled: bool = False
+
+
+@dataclass(frozen=True)
+class SeriesSummary:
+    """One metric at a glance: how many points, the last one logged, and the extremes
+    of its finite values (None when it has none)."""
+
+    count: int
+    last: float
+    last_step: int
+    min: float | None
+    max: float | None
 
 
 class Store(Protocol):
@@ -69,6 +89,31 @@ class Store(Protocol):
     ) -> tuple[int, dict[str, Series]]:
         """Points committed after the run's commit counter was ``after``, per key, and
         the counter read in the same transaction. Values are raw floats (NaN included)."""
+        ...
+
+    def history(
+        self,
+        run_id: str,
+        keys: list[str] | None = None,
+        start: int | None = None,
+        end: int | None = None,
+        points: int | None = None,
+    ) -> tuple[int, dict[str, SampledSeries]]:
+        """The points of steps ``start`` to ``end`` (inclusive; open-ended where None).
+
+        Returns:
+            the run's commit counter, read in the same transaction (a dashboard that
+            subscribes after it misses nothing and gets nothing twice; 0 for no such
+            run), and per key of the run (those of ``keys``, if given; unknown ones
+            are left out, and a key with no point in the range has empty columns)
+            its points sorted by step, points of one step in logging order, and
+            downsampled to at most ``points`` when given (see
+            :func:`trainwire.storage.downsample.downsample`).
+        """
+        ...
+
+    def summary(self, run_id: str) -> dict[str, SeriesSummary]:
+        """Per key of the run that has points: count, last value, extremes."""
         ...
 
     def close(self) -> None: ...
