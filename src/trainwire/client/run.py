@@ -25,6 +25,7 @@ from urllib.parse import quote, urlencode, urlsplit
 import msgspec
 
 from trainwire import __version__
+from trainwire.client import environment
 from trainwire.client.local import ensure_local_server, local_token
 from trainwire.client.sender import LoggedRow, Sender
 from trainwire.client.spool import SpillingOutbox, new_header
@@ -341,6 +342,8 @@ def init(
             verified, against ``TRAINWIRE_CA`` when set.
         system_metrics: sample CPU, RAM and NVIDIA GPUs once a second into the run
             (keys ``system/...``); default on, off with ``TRAINWIRE_SYSTEM_METRICS=0``.
+            The run's environment (host, OS, Python, command line, pid, torch and
+            CUDA versions, GPU names) is recorded with the run either way.
         flush_interval: the longest a logged point waits before it is sent.
         max_memory_rows: rows held in memory while the server is unreachable,
             before spilling to the run's file.
@@ -375,6 +378,7 @@ def init(
         project=project,
         name=name or f"{platform.node()}-{run_id}",
         config=_plain_config(config),
+        env=environment.collect(),
     )
     data_dir = default_data_dir()
     if system_metrics is None:
