@@ -233,7 +233,8 @@ class Killer(threading.Thread):
         path = f"/api/runs/{self.run_id}/metrics?keys=x"
         while time.monotonic() < deadline:
             metrics = http_get(self.server.port, path)
-            if metrics is not None and len(metrics.get("x", {}).get("step", [])) >= count:
+            series = (metrics or {}).get("series", {})
+            if len(series.get("x", {}).get("step", [])) >= count:
                 return time.monotonic()
             time.sleep(POLL)  # another process's database: nothing to wait on
         return None

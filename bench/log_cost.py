@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         total_logged = step
         run.finish(timeout=60)
         delivered = run.delivered
-        stored = c.http_get(server.url, f"/api/runs/{run.id}/metrics?keys=loss")
+        answer = c.http_get(server.url, f"/api/runs/{run.id}/metrics?keys=loss")
+        stored = answer["series"] if answer else None
         stored_rows = len(stored["loss"]["step"]) if stored and "loss" in stored else None
 
     log_us = sorted(v / 1000 for v in log_all)

@@ -74,6 +74,8 @@ class Settings:
             from storage instead.
         heartbeat_timeout: a running run with no trainer connected for this many
             seconds is marked ``crashed``.
+        run_update_interval: while a run commits, dashboards are sent its new
+            ``updated`` time at most once per this many seconds.
         token: the server's admin token; None: the one kept in ``data_dir/token``,
             made on first start.
         auth: False turns authentication off (refused on a non-loopback address).
@@ -88,6 +90,7 @@ class Settings:
     data_dir: Path = field(default_factory=default_data_dir)
     dashboard_queue: int = 1024
     heartbeat_timeout: float = 60.0
+    run_update_interval: float = 1.0
     token: str | None = None
     auth: bool = True
     certfile: Path | None = None

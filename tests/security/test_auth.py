@@ -210,6 +210,7 @@ ROUTES: Final = [
     Route("GET", "/api/runs", "read"),
     Route("GET", "/api/runs/run-1", "read"),
     Route("GET", "/api/runs/run-1/metrics", "read"),
+    Route("GET", "/api/runs/run-1/csv?key=loss", "read"),
     Route("DELETE", "/api/runs/run-1", "admin"),
     Route("GET", "/openapi.json", "read"),
     Route("WS", "/ws/ingest", "write"),
@@ -232,7 +233,10 @@ def assert_content(route: Route, response: Any) -> None:
         case "GET /api/runs/run-1":
             assert response.json()["keys"] == ["loss"]
         case "GET /api/runs/run-1/metrics":
-            assert response.json()["loss"]["step"] == [0]
+            assert response.json()["series"]["loss"]["step"] == [0]
+        case "GET /api/runs/run-1/csv?key=loss":
+            assert response.headers["content-type"].startswith("text/csv")
+            assert response.text.splitlines() == ["step,time,value", "0,1.0,1.0"]
         case "DELETE /api/runs/run-1":
             assert response.content == b""
         case "GET /openapi.json":
@@ -279,8 +283,8 @@ def test_every_route_serves_exactly_the_credentials_with_enough_scope(
         response = secured.client.request(route.method, route.path, headers=headers)
         assert_refused(response, status)
     # A refusal changed nothing.
-    assert secured.client.get("/api/runs/run-1/metrics", headers=ADMIN).json() == {
-        "loss": {"step": [0], "time": [1.0], "value": [1.0]}
+    assert secured.client.get("/api/runs/run-1/metrics", headers=ADMIN).json()["series"] == {
+        "loss": {"step": [0], "time": [1.0], "value": [1.0], "sampled": False}
     }
 
 
@@ -383,6 +387,7 @@ def test_the_cookie_redirect_never_leaves_this_server(secured: Secured, path: st
         ("GET", "/style.css", 200),
         ("GET", "/api/runs/ghost", 404),
         ("GET", "/api/runs/ghost/metrics", 404),
+        ("GET", "/api/runs/ghost/csv?key=x", 404),
         ("GET", "/no-such-file.js", 404),
         ("POST", "/api/runs", 405),
         ("DELETE", "/api/runs/ghost", 404),
@@ -569,9 +574,9 @@ def test_a_trainer_over_a_limit_alone_is_closed_1008_with_a_reason(
             assert reason in said
             send(good, Batch(seq=2, rows=[(1, 2.0, {"loss": 0.5})]))
             assert receive(good) == Ack(seq=2)
-        metrics = client.get("/api/runs/good/metrics", headers=ADMIN).json()
+        metrics = client.get("/api/runs/good/metrics", headers=ADMIN).json()["series"]
         assert metrics["loss"]["step"] == [0, 1]
-        assert client.get("/api/runs/bad/metrics", headers=ADMIN).json() == {}
+        assert client.get("/api/runs/bad/metrics", headers=ADMIN).json()["series"] == {}
 
 
 def test_the_series_cap_counts_every_rank_of_a_run(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ checks = pytest.importorskip("schemathesis.checks")
 
 ADMIN_TOKEN: Final = "fuzz-admin-token"
 ADMIN: Final = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-# Kept modest: five operations, and the whole file stays within a few seconds.
+# Kept modest: six operations, and the whole file stays within a few seconds.
 MAX_EXAMPLES: Final = 25
 
 
@@ -69,7 +69,19 @@ def test_every_operation_answers_without_a_server_error_and_within_its_schema(
     response = api.request(**request)
     assert response.status_code < 500, f"{case.method} {case.formatted_path}: {response.text}"
     # Every check but one: the Allow header of a 405 is tested, as a known bug, below.
-    case.validate_response(response, excluded_checks=[checks.allow_header_conformance])
+    excluded = [checks.allow_header_conformance]
+    if start_after_end(case.query or {}):
+        # OpenAPI cannot say that one parameter bounds another: a metrics query with
+        # start > end is valid to the schema, and rightly refused with a 422.
+        excluded.append(checks.positive_data_acceptance)
+    case.validate_response(response, excluded_checks=excluded)
+
+
+def start_after_end(query: dict[str, Any]) -> bool:
+    try:
+        return int(query["start"]) > int(query["end"])
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 ALLOW_ONE_ROUTE: Final = (

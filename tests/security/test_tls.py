@@ -149,7 +149,7 @@ def test_a_run_over_https_is_stored_when_trainwire_ca_trusts_the_server(
         run.log({"loss": 1.0 / (step + 1)})
     run.finish(timeout=10_000 * MS)
     assert run.delivered
-    metrics = tls_server.get_json(f"/api/runs/{run.id}/metrics")
+    metrics = tls_server.get_json(f"/api/runs/{run.id}/metrics")["series"]
     assert metrics["loss"]["step"] == list(range(20))
     assert tls_server.get_json(f"/api/runs/{run.id}")["status"] == "finished"
 

@@ -19,9 +19,14 @@ SPEC = RunSpec(id="run-1", project="digits", name="cnn", config={"lr": 0.003})
 ADMIN_TOKEN = "test-admin-token"
 
 
-def app_settings(tmp_path: Path, **limits: int) -> Settings:
+def app_settings(tmp_path: Path, *, run_update_interval: float = 3600.0, **limits: int) -> Settings:
+    # Commits re-announce their run to dashboards once per interval: an hour, so that
+    # a slow machine never slips one in between the frames a test expects.
     return Settings(
-        data_dir=tmp_path, token=ADMIN_TOKEN, limits=Limits(max_frame_bytes=64 * 1024, **limits)
+        data_dir=tmp_path,
+        token=ADMIN_TOKEN,
+        run_update_interval=run_update_interval,
+        limits=Limits(max_frame_bytes=64 * 1024, **limits),
     )
 
 

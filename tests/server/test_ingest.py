@@ -17,6 +17,7 @@ from trainwire.protocol.messages import (
     RunSpec,
     Welcome,
 )
+from trainwire.server.ingest import RunUpdates
 
 
 def test_trainer_is_welcomed_and_each_batch_acked_after_it_is_stored(client: TestClient) -> None:
@@ -26,7 +27,7 @@ def test_trainer_is_welcomed_and_each_batch_acked_after_it_is_stored(client: Tes
         send(ws, Batch(seq=1, rows=[(0, 1.0, {"loss": 2.0}), (1, 2.0, {"loss": math.nan})]))
         assert receive(ws) == Ack(seq=1)
         # The ack means stored: the REST API already has the points.
-        values = client.get("/api/runs/run-1/metrics").json()["loss"]["value"]
+        values = client.get("/api/runs/run-1/metrics").json()["series"]["loss"]["value"]
         assert values == [2.0, "NaN"]
         send(ws, Finish(seq=2))
         assert receive(ws) == Ack(seq=2)
@@ -44,7 +45,7 @@ def test_a_reconnecting_trainer_learns_what_is_stored_and_duplicates_are_ignored
         assert receive(ws) == Welcome(v=PROTOCOL_VERSION, run_id="run-1", last_seq=1)
         send(ws, Batch(seq=1, rows=[(0, 1.0, {"loss": 1.0})]))  # resent: acked, not stored
         assert receive(ws) == Ack(seq=1)
-    assert client.get("/api/runs/run-1/metrics").json()["loss"]["step"] == [0]
+    assert client.get("/api/runs/run-1/metrics").json()["series"]["loss"]["step"] == [0]
 
 
 def closes_with(client: TestClient, frames: list[bytes | str]) -> tuple[int, str]:
@@ -96,4 +97,24 @@ def test_bad_input_gets_a_clear_close_reason_and_the_server_keeps_serving(
         # The well-behaved trainer is still served, and what was stored is intact.
         send(good, Batch(seq=1, rows=[(0, 0.0, {"x": 1.0})]))
         assert receive(good) == Ack(seq=1)
-    assert client.get("/api/runs/good/metrics").json()["x"]["value"] == [1.0]
+    assert client.get("/api/runs/good/metrics").json()["series"]["x"]["value"] == [1.0]
+
+
+def test_a_committing_run_is_announced_at_most_once_per_interval() -> None:
+    updates = RunUpdates(interval=1.0)
+    assert updates.due("a", now=10.0)  # never announced
+    assert not updates.due("a", now=10.5)
+    assert updates.due("b", now=10.5)  # each run on its own clock
+    assert updates.due("a", now=11.0)
+    updates.announced("a", now=11.8)  # e.g. its run frame went out when it finished
+    assert not updates.due("a", now=12.2)
+    assert updates.due("a", now=12.8)
+
+
+def test_run_announcements_forget_old_runs_without_changing_an_answer() -> None:
+    updates = RunUpdates(interval=1.0)
+    for n in range(3000):
+        assert updates.due(f"run{n}", now=n * 0.01)
+    assert not updates.due("run2999", now=30.0)  # announced 0.01 s ago
+    assert updates.due("run0", now=30.0)
+    assert len(updates._announced) < 1500

@@ -6,24 +6,33 @@ the protocol says); the pydantic models below exist to describe them in OpenAPI.
 
 from __future__ import annotations
 
+import itertools
+import re
 import time
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Final
 
 import msgspec
 from fastapi import APIRouter, HTTPException, Query, Request
-from fastapi.responses import Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from trainwire import __version__
 from trainwire.protocol.columns import spelled
-from trainwire.protocol.messages import PROTOCOL_VERSION, RunInfo
+from trainwire.protocol.messages import PROTOCOL_VERSION, RunInfo, json_value
 from trainwire.server.bus import Bus, RunChanged
-from trainwire.storage import Store
+from trainwire.storage import SampledSeries, SeriesSummary, Store
 
 __all__ = ["router"]
 
 router = APIRouter(prefix="/api")
+
+# Steps are stored as SQLite integers: signed 64-bit.
+_STEP_MIN: Final = -(2**63)
+_STEP_MAX: Final = 2**63 - 1
+_MAX_POINTS: Final = 100_000
 
 
 class HealthModel(BaseModel):
@@ -40,16 +49,37 @@ class RunModel(BaseModel):
     created: float
     updated: float
     config: dict[str, Any]
+    env: dict[str, Any]
+
+
+class SummaryModel(BaseModel):
+    count: int
+    last: float | str
+    last_step: int
+    min: float | None
+    max: float | None
 
 
 class RunDetailModel(RunModel):
     keys: list[str]
+    summary: dict[str, SummaryModel]
 
 
-class SeriesModel(BaseModel):
+class SampledSeriesModel(BaseModel):
     step: list[int]
     time: list[float]
     value: list[float | str]
+    sampled: bool
+
+
+class MetricsModel(BaseModel):
+    run: str
+    seq: int
+    series: dict[str, SampledSeriesModel]
+
+
+class CSVResponse(StreamingResponse):
+    media_type = "text/csv"
 
 
 def _store(request: Request) -> Store:
@@ -75,24 +105,54 @@ async def list_runs(request: Request) -> Response:
     "/runs/{run_id}",
     response_model=RunDetailModel,
     responses={404: {"description": "No such run"}},
-    summary="One run, with the keys of its metrics",
+    summary="One run, with its metric keys, a summary of each, and its environment",
+    description=(
+        "`summary`, per key: `count` (points), `last` and `last_step` (the last point "
+        "logged), `min` and `max` (of its finite values; null when it has none). `env`: "
+        "where the run was started (host, OS, Python, command line, pid, torch and CUDA "
+        "versions, GPUs), as its first trainer reported it; `{}` from older clients."
+    ),
 )
 async def get_run(request: Request, run_id: str) -> Response:
     store = _store(request)
-    run = await run_in_threadpool(store.get_run, run_id)
+
+    def read() -> tuple[RunInfo | None, list[str], dict[str, SeriesSummary]]:
+        return store.get_run(run_id), store.keys(run_id), store.summary(run_id)
+
+    run, keys, summary = await run_in_threadpool(read)
     if run is None:
         raise HTTPException(404, f"no run {run_id!r}")
-    keys = await run_in_threadpool(store.keys, run_id)
-    return _json({**msgspec.structs.asdict(run), "keys": keys})
+    return _json(
+        {
+            **msgspec.structs.asdict(run),
+            "keys": keys,
+            "summary": {
+                key: {
+                    "count": s.count,
+                    "last": json_value(s.last),
+                    "last_step": s.last_step,
+                    "min": s.min,
+                    "max": s.max,
+                }
+                for key, s in summary.items()
+            },
+        }
+    )
 
 
 @router.get(
     "/runs/{run_id}/metrics",
-    response_model=dict[str, SeriesModel],
+    response_model=MetricsModel,
     responses={404: {"description": "No such run"}},
-    summary="A run's points, per metric key, in columns",
+    summary="A run's points, per metric key, in columns sorted by step; downsampled on request",
     description=(
-        "Per key: arrays `step`, `time` (Unix seconds) and `value`, in logging order. "
+        "`series`, per key: arrays `step`, `time` (Unix seconds) and `value`, sorted by "
+        "step (points of one step in logging order), and `sampled`: whether they were "
+        "downsampled. With `points=N` a series of more than N points in the range is "
+        "cut into N/2 equal step buckets, each keeping its lowest and highest point, "
+        "so no spike is lost (NaN is ignored, except where a bucket holds nothing "
+        "else). `seq` is the run's commit number at the read: subscribe on "
+        "`/ws/dashboard` with `after` set to it to get exactly the later points. "
         'NaN and ±Infinity are sent as the strings "NaN", "Infinity" and "-Infinity".'
     ),
 )
@@ -100,13 +160,80 @@ async def get_metrics(
     request: Request,
     run_id: str,
     keys: str | None = Query(None, description="Comma-separated metric keys; all if omitted"),
+    points: int | None = Query(
+        None,
+        ge=2,
+        le=_MAX_POINTS,
+        description="At most this many points per key, downsampled; every point if omitted",
+    ),
+    start: int | None = Query(
+        None, ge=_STEP_MIN, le=_STEP_MAX, description="The first step (inclusive)"
+    ),
+    end: int | None = Query(None, ge=_STEP_MIN, le=_STEP_MAX, description="The last step"),
 ) -> Response:
+    if start is not None and end is not None and start > end:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "value_error",
+                    "loc": ("query", "end"),
+                    "msg": f"end ({end}) must not be less than start ({start})",
+                    "input": str(end),
+                }
+            ]
+        )
     store = _store(request)
     if await run_in_threadpool(store.get_run, run_id) is None:
         raise HTTPException(404, f"no run {run_id!r}")
     wanted = [k for k in keys.split(",") if k] if keys else None
-    _, series = await run_in_threadpool(store.metrics, run_id, wanted, 0)
-    return _json(spelled(series))
+    seq, series = await run_in_threadpool(store.history, run_id, wanted, start, end, points)
+    return _json({"run": run_id, "seq": seq, "series": spelled(series)})
+
+
+@router.get(
+    "/runs/{run_id}/csv",
+    response_class=CSVResponse,
+    responses={
+        200: {"description": "`step,time,value`, one line per point, sorted by step"},
+        404: {"description": "No such run, or no such metric in it"},
+    },
+    summary="One metric of a run, every point, as a CSV file",
+)
+async def get_csv(
+    request: Request,
+    run_id: str,
+    key: str = Query(description="The metric key"),
+) -> Response:
+    store = _store(request)
+    run = await run_in_threadpool(store.get_run, run_id)
+    if run is None:
+        raise HTTPException(404, f"no run {run_id!r}")
+    _, series = await run_in_threadpool(store.history, run_id, [key])
+    found = series.get(key)
+    if found is None:
+        raise HTTPException(404, f"no metric {key!r} in run {run_id!r}")
+    filename = f"{_safe_name(run.name, 'run')}-{_safe_name(key, 'metric')}.csv"
+    return CSVResponse(
+        _csv_lines(found), headers={"Content-Disposition": f'attachment; filename="{filename}"'}
+    )
+
+
+def _csv_lines(series: SampledSeries) -> Iterator[str]:
+    """The CSV, a block of lines at a time: a million points are tens of megabytes,
+    and formatting floats takes seconds (Starlette runs this in its thread pool)."""
+    spelled({"": series})  # NaN and ±Infinity as the JSON API spells them
+    yield "step,time,value\n"
+    rows = zip(series.step, series.time, series.value, strict=True)
+    while block := list(itertools.islice(rows, 10_000)):
+        # Numbers and those spellings only: nothing to quote.
+        yield "".join(f"{step},{at},{value}\n" for step, at, value in block)
+
+
+def _safe_name(text: str, fallback: str) -> str:
+    # A file name every system accepts, and no header injection: [A-Za-z0-9._-] only,
+    # never hidden (leading dot).
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", text).strip(".")[:100]
+    return safe or fallback
 
 
 @router.delete(

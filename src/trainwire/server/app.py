@@ -17,7 +17,7 @@ from trainwire.server.api import router
 from trainwire.server.auth import Authenticator, AuthMiddleware, SecurityHeadersMiddleware
 from trainwire.server.bus import Bus, MemoryBus, RunChanged
 from trainwire.server.fanout import Followers, serve_dashboard
-from trainwire.server.ingest import serve_trainer
+from trainwire.server.ingest import RunUpdates, serve_trainer
 from trainwire.server.limits import ConnectionLimitMiddleware, RateLimiter
 from trainwire.server.watch import RunWatch
 from trainwire.settings import Settings
@@ -94,6 +94,7 @@ def create_app(
     app.include_router(router)
     new_runs = RateLimiter(settings.limits.max_new_runs_per_minute)
     followers = Followers()
+    run_updates = RunUpdates(settings.run_update_interval)
 
     @app.websocket("/ws/ingest")
     async def ingest(ws: WebSocket) -> None:
@@ -105,6 +106,7 @@ def create_app(
             settings.limits,
             new_runs,
             followers,
+            run_updates,
         )
 
     @app.websocket("/ws/dashboard")

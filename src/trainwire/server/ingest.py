@@ -20,9 +20,43 @@ from trainwire.server.watch import RunWatch
 from trainwire.settings import Limits
 from trainwire.storage import SeriesLimitExceeded, Store
 
-__all__ = ["serve_trainer"]
+__all__ = ["RunUpdates", "serve_trainer"]
 
 logger = logging.getLogger("trainwire.server")
+
+
+class RunUpdates:
+    """Which commits to announce to the dashboards' run lists.
+
+    Every commit moves its run's ``updated`` time; re-sending the run (``RunChanged``)
+    on each would double the frames a dashboard gets. Once per ``interval`` seconds
+    per run, whatever the number of its writers, keeps every run list's "last update
+    n s ago" live without polling, at the cost of a dict lookup per commit. Time is
+    a parameter.
+    """
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self._announced: dict[str, float] = {}  # run id -> when it was last announced
+        self._prune_above = 1024
+
+    def due(self, run_id: str, now: float) -> bool:
+        """Whether a commit of ``run_id`` at ``now`` is announced; if so, it is
+        recorded as the run's last announcement."""
+        last = self._announced.get(run_id)
+        if last is not None and now - last < self.interval:
+            return False
+        self.announced(run_id, now)
+        return True
+
+    def announced(self, run_id: str, now: float) -> None:
+        """The run was just sent to dashboards (opened, finished, or a due commit)."""
+        self._announced[run_id] = now
+        if len(self._announced) > self._prune_above:
+            # Runs announced longer ago than the interval are due anyway: forgetting
+            # them changes no answer, and keeps the dict to the runs committing now.
+            self._announced = {k: t for k, t in self._announced.items() if now - t < self.interval}
+            self._prune_above = max(1024, 2 * len(self._announced))
 
 
 async def serve_trainer(
@@ -33,11 +67,14 @@ async def serve_trainer(
     limits: Limits,
     new_runs: RateLimiter,
     followers: Followers | None = None,
+    run_updates: RunUpdates | None = None,
 ) -> None:
     """Run one trainer connection until it closes.
 
     Every batch is committed before it is acknowledged and before dashboards hear
     of it, so an acknowledged point is always on disk and always replayable.
+    ``run_updates`` is shared by every connection of the server (a fresh one per
+    connection if omitted).
     """
     await ws.accept()
     session = ServerSession(
@@ -47,7 +84,9 @@ async def serve_trainer(
     )
     # Runs are rate-limited per token, or per address when authentication is off.
     principal = str(ws.scope.get("trainwire.principal") or client_address(ws.scope))
-    context = _Context(store, bus, watch, new_runs, principal, followers)
+    context = _Context(
+        store, bus, watch, new_runs, principal, followers, run_updates or RunUpdates()
+    )
     try:
         await _serve(ws, session, context, limits.max_frame_bytes)
     finally:
@@ -63,6 +102,7 @@ class _Context:
     new_runs: RateLimiter
     principal: str
     followers: Followers | None
+    run_updates: RunUpdates
 
 
 async def _serve(
@@ -110,6 +150,7 @@ async def _handle(
             context.watch.connected(spec.id)
             run = await run_in_threadpool(store.get_run, spec.id)
             if run is not None:
+                context.run_updates.announced(spec.id, time.monotonic())
                 await bus.publish(RunChanged(run))
             logger.info("run %s stream %s opened (%s/%s)", spec.id, stream, spec.project, spec.name)
         case Batch():
@@ -135,6 +176,10 @@ async def _handle(
                     series = spelled(series_from_rows(rows))
                     frame = encode_json(Points(run=run_id, seq=commit.seq, series=series))
                 await bus.publish(PointsCommitted(run_id, commit.prev_seq, commit.seq, frame))
+                if context.run_updates.due(run_id, time.monotonic()):
+                    run = await run_in_threadpool(store.get_run, run_id)
+                    if run is not None:
+                        await bus.publish(RunChanged(run))
         case Finish(seq=seq, status=status):
             hello = _opened(session)
             info = await run_in_threadpool(
@@ -142,6 +187,7 @@ async def _handle(
             )
             session.committed(seq)
             if info is not None:
+                context.run_updates.announced(hello.run.id, time.monotonic())
                 await bus.publish(RunChanged(info))
                 logger.info("run %s stream %s %s", hello.run.id, hello.stream, status)
 
