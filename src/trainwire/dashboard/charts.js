@@ -16,6 +16,8 @@
 // metric keys) come from users, and a metric called `__proto__` must be an
 // ordinary key, not a write to the prototype.
 
+import { insertPoints } from "./series.js";
+
 /** Group name for metric keys that have no `prefix/`. */
 export const OTHER_GROUP = "other";
 
@@ -94,7 +96,8 @@ export function newStore() {
 }
 
 /**
- * Append the columns of a frame's `series` to a per-key store.
+ * Add the columns of a frame's `series` to a per-key store, each entry kept
+ * sorted by step (ties in arrival order; see series.insertPoints).
  *
  * Validates the whole frame before changing anything, so a malformed frame
  * leaves the store as it was.
@@ -132,11 +135,7 @@ export function mergePoints(store, series) {
       entry = store[key] = { step: [], time: [], value: [] };
       added.push(key);
     }
-    for (let i = 0; i < value.length; i++) {
-      entry.step.push(step[i]);
-      entry.time.push(time[i]);
-      entry.value.push(value[i]);
-    }
+    insertPoints(entry, step, time, value);
     changed.push(key);
   }
   return { changed, added };
