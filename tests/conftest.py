@@ -21,6 +21,9 @@ from trainwire.storage import SQLiteStore
 # The admin token of every LiveServer; the clients find it in TRAINWIRE_TOKEN.
 TOKEN = "live-server-token"
 
+# Where browser tests save screenshots for a person to look at (git-ignored).
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "build" / "screenshots"
+
 # Every timeout in the suite is a multiple of this, scaled for slow CI machines.
 MS = 0.001 * float(os.environ.get("TRAINWIRE_TESTS_TIMEOUT_FACTOR", "1"))
 

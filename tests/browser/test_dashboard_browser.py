@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from tests.conftest import MS, LiveServer
+from tests.conftest import MS, SCREENSHOTS, LiveServer
 
 import trainwire
 
@@ -60,5 +60,6 @@ def test_a_live_run_is_drawn_and_resumes_without_a_gap_after_a_dropped_connectio
     assert steps == list(range(150))  # no gap, no duplicate
     assert page.locator(f'[data-run-id="{run.id}"]').count() == 1
     assert errors == []
-    page.screenshot(path="/tmp/tw-dashboard.png", full_page=True)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "live-run.png"), full_page=True)
     page.close()

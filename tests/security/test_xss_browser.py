@@ -9,7 +9,7 @@ from typing import Any, Final
 import pytest
 
 import trainwire
-from tests.conftest import MS, LiveServer
+from tests.conftest import MS, SCREENSHOTS, LiveServer
 
 pytestmark = pytest.mark.browser
 
@@ -108,5 +108,6 @@ def test_payloads_in_every_user_string_are_shown_as_text_and_never_run(
     assert page.title() == f"{PAYLOADS[0]} · trainwire"
     assert [text for text in console if "Content Security Policy" in text] == []
     assert errors == []
-    page.screenshot(path="/tmp/tw-xss.png", full_page=True)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "xss.png"), full_page=True)
     page.close()

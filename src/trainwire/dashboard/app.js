@@ -1,90 +1,159 @@
-// DOM and WebSocket wiring of the trainwire dashboard.
+// DOM, fetch and WebSocket wiring of the trainwire dashboard.
 //
-// Speaks the JSON protocol of docs/protocol.md ("Dashboard <-> server") over
-// /ws/dashboard on the page's own host. All data shaping is in charts.js
-// (pure, tested with node --test); this module only moves data between the
-// socket, that module and the DOM. User-supplied strings (run names,
-// projects, metric keys, config) only ever reach the DOM as text nodes.
+// Data flow, per selected run: its history comes once from
+// GET /api/runs/{id}/metrics?points=N, min/max downsampled by the server to
+// about twice the charts' pixel width; the response's `seq` is the run's
+// commit counter at that read, so subscribing on /ws/dashboard with
+// `after=seq` brings exactly the later points, live, no gap and no duplicate.
+// Live points are merged into the downsampled view (series.insertPoints) and
+// the view is compacted with the same min/max rule when it grows past its
+// budget, so no spike is lost and memory stays bounded. A zoom fetches the
+// visible step range again at the finer resolution, down to every raw point.
 //
-// Hooks for browser tests:
-//   #conn[data-state]              "connecting" | "live" | "reconnecting"
-//   [data-run-id]                  one per run-list entry (a button)
-//   [data-key][data-points]        one per chart; data-points is the number
-//                                  of points drawn, updated after each render
-//   window.__trainwire             {lastSeq, series}: run id -> last applied
-//                                  seq / run id -> metric key -> {step, time, value}
+// All data shaping is in charts.js, series.js, runs.js and urlstate.js (pure,
+// tested with node --test); uPlot glue is in plot.js. User-supplied strings
+// (run names, projects, metric keys, config, environment) only ever reach the
+// DOM as text nodes.
+//
+// Hooks for browser tests and bench/dashboard.py:
+//   #conn[data-state]           "connecting" | "live" | "reconnecting" | "offline"
+//   li[data-run-id]             one per run in the list (after filtering)
+//   figure[data-key]            one per chart; data-points: points drawn (all runs),
+//                               data-runs: run ids drawn, comma-separated,
+//                               data-sampled: "true" when any drawn series is downsampled
+//   window.__trainwire          {lastSeq, series, zooms, view, marks, zoom(min, max), resetZoom()}
+//     series: run id -> metric key -> {step, time, value, sampled} (the full views)
+//     marks:  {historyDrawn: {run: ms from the load's start to its charts drawn},
+//              historyDrawnAt: {run: performance.now() then}, zoomRequested, zoomDrawn
+//              (performance.now() times), renders: n, renderMs: time spent drawing}
+//     drawn(key): the columns the chart of `key` draws (uPlot data: x, then each series)
 
-import uPlot from "./vendor/uplot/uPlot.esm.js";
 import {
   applyPointsFrame,
   attemptAfterClose,
   backoffDelay,
   configEntries,
+  decodeValue,
   formatValue,
   groupKeys,
   lastPoint,
   newStore,
   pickRun,
-  resumeAfter,
   sortRuns,
-  toUPlotData,
 } from "./charts.js";
+import { CHART_HEIGHT, cssVar, plotOptions, savePng, uPlot } from "./plot.js";
+import { assignColours, filterRuns, formatAgo, formatDuration, runDuration, summaryRows } from "./runs.js";
+import {
+  alignSeries,
+  downsample,
+  ema,
+  insertPoints,
+  nearestIndex,
+  stepRange,
+  xValues,
+} from "./series.js";
+import { formatState, parseState } from "./urlstate.js";
 
 const PROTOCOL_VERSION = 1;
-const CHART_HEIGHT = 200;
 const STATUS_MS = 6000;
+const PALETTE = 8;
+/** A live view is compacted back to its budget once it holds this many times more. */
+const COMPACT_FACTOR = 2;
 
 // ---- state ----------------------------------------------------------------
 
-/** Points state, shaped by charts.applyPointsFrame. Holds the selected run only. */
+/** What the user looks at; mirrored in the URL fragment (urlstate.js). */
+const view = parseState(location.hash, location.search);
+
+/** Full views of loaded runs: charts.applyPointsFrame shape (lastSeq, series). */
 const state = { lastSeq: newStore(), series: newStore() };
-window.__trainwire = Object.freeze({ lastSeq: state.lastSeq, series: state.series });
+/** Run id -> {range: [start, end], seq, series: key -> entry}: finer data of the zoomed range. */
+const zooms = new Map();
+/** Run id -> promise of its history load, while loading. */
+const loading = new Map();
+const marks = { historyDrawn: newStore(), historyDrawnAt: newStore(), zoomRequested: 0, zoomDrawn: 0, renders: 0, renderMs: 0 };
 
 /** @type {Map<string, import("./charts.js").RunInfo>} */
 const runs = new Map();
-/** @type {string|null} the selected run's id */
-let selected = null;
-/** The run asked for by the URL at load (`?run=ID`), until a run is selected. */
-const wantedRun = new URLSearchParams(location.search).get("run");
+/** Run id -> colour slot, stable while the run stays selected. */
+const colourSlots = new Map();
 
 /** @type {WebSocket|null} */
 let socket = null;
-/** Failed or short-lived connections since the last stable one (see attemptAfterClose). */
 let attempt = 0;
 let retryTimer = null;
 let everConnected = false;
-/** Whether a `runs` message has arrived yet (for the empty-state text). */
 let runsReceived = false;
+/** Wall time (ms) and lag (s) of the latest live point. */
+let lastLive = { at: 0, lag: null };
 
-/** Per metric key: {figure, last, plotBox, plot, group}. */
+/** Per metric key: {figure, last, plotBox, plot, signature, group, drawn}. */
 const charts = new Map();
 /** Per group: {section, grid}. */
 const groups = new Map();
-/** Group -> palette index, in order of first appearance. */
-const groupColours = new Map();
-/** Plot container -> its chart entry, for the ResizeObserver. */
 const chartOfBox = new WeakMap();
-/** Keys whose chart needs new data drawn at the next animation frame. */
+/** Keys whose chart needs drawing; ALL marks every chart. */
 const dirty = new Set();
-let renderScheduled = false;
+let renderTimer = null;
+/** Bumped when the theme changes, so every plot is rebuilt with the new colours. */
+let themeGeneration = 0;
+/** Bumped by every zoom, so a late answer for an older zoom is dropped. */
+let zoomGeneration = 0;
+/** The chart under the mouse or finger, which shows the tooltip. */
+let hovered = null;
 
 const $ = (id) => document.getElementById(id);
 const el = {
   conn: $("conn"),
+  lag: $("lag"),
   status: $("status"),
+  menu: $("menu"),
+  sidebar: $("sidebar"),
   runs: $("runs"),
   runsEmpty: $("runs-empty"),
+  search: $("run-search"),
+  statusFilter: $("run-status-filter"),
   header: $("run-header"),
   name: $("run-name"),
   project: $("run-project"),
   runStatus: $("run-status"),
   created: $("run-created"),
+  duration: $("run-duration"),
   runId: $("run-id"),
+  pageToggle: $("run-page-toggle"),
   config: $("run-config"),
   configBox: $("run-config-box"),
+  legend: $("legend"),
+  page: $("run-page"),
+  summary: $("run-summary"),
+  pageConfig: $("run-page-config"),
+  env: $("run-env"),
+  toolbar: $("toolbar"),
+  smooth: $("smooth"),
+  smoothValue: $("smooth-value"),
+  log: $("log"),
+  xmode: $("xmode"),
+  follow: $("follow"),
+  metricFilter: $("metric-filter"),
+  resetZoom: $("reset-zoom"),
   charts: $("charts"),
   chartsEmpty: $("charts-empty"),
 };
+const tooltip = make("div", "tooltip");
+tooltip.hidden = true;
+tooltip.setAttribute("role", "tooltip");
+document.body.append(tooltip);
+
+window.__trainwire = Object.freeze({
+  lastSeq: state.lastSeq,
+  series: state.series,
+  zooms,
+  view,
+  marks,
+  zoom: (min, max) => setZoom(min, max),
+  drawn: (key) => charts.get(key)?.plot?.data ?? null,
+  resetZoom: () => resetZoom(),
+});
 
 /** Create an element with a class and, optionally, text (as a text node). */
 function make(tag, className, text) {
@@ -94,13 +163,33 @@ function make(tag, className, text) {
   return node;
 }
 
+function writeUrl() {
+  const url = new URL(location.href);
+  url.searchParams.delete("run"); // the fragment holds it now
+  url.hash = formatState(view);
+  history.replaceState(history.state, "", url);
+}
+
 // ---- connection -----------------------------------------------------------
 
-const CONN_TEXT = { connecting: "connecting…", live: "live", reconnecting: "reconnecting…" };
+const CONN_TEXT = { connecting: "connecting…", live: "live", reconnecting: "reconnecting…", offline: "offline" };
 
 function setConn(stateName) {
-  el.conn.dataset.state = stateName;
-  el.conn.textContent = CONN_TEXT[stateName];
+  const shown = stateName !== "live" && navigator.onLine === false ? "offline" : stateName;
+  el.conn.dataset.state = shown;
+  el.conn.textContent = CONN_TEXT[shown];
+  renderLag();
+}
+
+function renderLag() {
+  const fresh = el.conn.dataset.state === "live" && lastLive.lag !== null && performance.now() - lastLive.at < 10_000;
+  el.lag.hidden = !fresh;
+  if (fresh) el.lag.textContent = `lag ${formatLag(lastLive.lag)}`;
+}
+
+function formatLag(seconds) {
+  const ms = Math.max(0, seconds * 1000);
+  return ms < 1000 ? `${Math.round(ms)} ms` : `${(ms / 1000).toFixed(1)} s`;
 }
 
 let statusTimer = null;
@@ -143,7 +232,9 @@ function connect() {
     openedAt = performance.now();
     everConnected = true;
     setConn("live");
-    for (const id of subscribed) subscribe(id);
+    // Loaded runs resume where they left off; runs whose history failed load now.
+    for (const id of Object.keys(state.series)) subscribe(id);
+    for (const id of view.runs) ensureLoaded(id);
   });
   sock.addEventListener("message", (event) => {
     if (socket !== sock) return;
@@ -161,7 +252,6 @@ function connect() {
     if (event.reason) console.warn(`trainwire: connection closed: ${event.code} ${event.reason}`);
     scheduleReconnect();
   });
-  // An "error" event is always followed by "close", which reconnects.
 }
 
 function scheduleReconnect() {
@@ -171,12 +261,15 @@ function scheduleReconnect() {
   attempt += 1;
 }
 
-/** Back online: retry now instead of waiting out the backoff. */
 window.addEventListener("online", () => {
+  setConn(el.conn.dataset.state === "offline" ? "reconnecting" : el.conn.dataset.state);
   if (retryTimer !== null) {
     clearTimeout(retryTimer);
     connect();
   }
+});
+window.addEventListener("offline", () => {
+  if (el.conn.dataset.state !== "live") setConn("offline");
 });
 
 function send(message) {
@@ -185,17 +278,68 @@ function send(message) {
   }
 }
 
-// Runs this page follows. A run stays subscribed after the user selects another:
-// unsubscribing would let frames already in flight for it arrive after a later
-// re-subscribe, and a frame cannot tell which subscription it answers. Kept, each
-// run has one unbroken stream per connection, and re-selecting it draws at once.
-const subscribed = new Set();
-
-/** Subscribe to a run from where this page left it (0 = full snapshot). */
+// A loaded run stays subscribed for the life of the connection, selected or
+// not: unsubscribing would let frames already in flight arrive after a later
+// re-subscribe, and a frame cannot tell which subscription it answers.
 function subscribe(id) {
-  subscribed.add(id);
-  send({ type: "subscribe", run: id, after: resumeAfter(state.lastSeq, id) });
+  send({ type: "subscribe", run: id, after: state.lastSeq[id] ?? 0 });
 }
+
+// ---- history (REST) ---------------------------------------------------------
+
+/** About twice the widest chart's pixel width: what a chart can show, with min and max per pixel. */
+function pointsBudget() {
+  const width = el.charts.clientWidth || window.innerWidth || 1200;
+  return Math.min(8000, Math.max(400, Math.round(2 * width)));
+}
+
+async function fetchMetrics(id, params) {
+  const query = new URLSearchParams(params);
+  const response = await fetch(`/api/runs/${encodeURIComponent(id)}/metrics?${query}`, {
+    credentials: "same-origin",
+    headers: { Accept: "application/json" },
+  });
+  if (!response.ok) throw new Error(`${response.status} ${response.statusText}`);
+  const body = await response.json();
+  const series = newStore();
+  for (const [key, cols] of Object.entries(body.series ?? {})) {
+    series[key] = {
+      step: cols.step,
+      time: cols.time,
+      value: cols.value.map(decodeValue),
+      sampled: cols.sampled === true,
+    };
+  }
+  return { seq: Number(body.seq) || 0, series };
+}
+
+/** Load a run's history once, then follow it live. */
+function ensureLoaded(id) {
+  if (state.series[id] !== undefined || loading.has(id) || !runs.has(id)) return;
+  const started = performance.now();
+  const load = fetchMetrics(id, { points: pointsBudget() })
+    .then(({ seq, series }) => {
+      loading.delete(id);
+      if (state.series[id] !== undefined) return;
+      state.series[id] = series;
+      state.lastSeq[id] = seq;
+      subscribe(id);
+      if (view.runs.includes(id)) {
+        pendingHistory.set(id, started);
+        layoutCharts();
+        markAllDirty();
+        if (view.zoom !== null) requestZoomData();
+      }
+    })
+    .catch((err) => {
+      loading.delete(id);
+      console.warn(`trainwire: could not load run ${id}:`, err);
+      // Retried when the socket (re)opens.
+    });
+  loading.set(id, load);
+}
+/** Run id -> when its history load started, until its charts are first drawn. */
+const pendingHistory = new Map();
 
 // ---- messages -------------------------------------------------------------
 
@@ -229,14 +373,11 @@ function onRuns(list) {
   runsReceived = true;
   runs.clear();
   for (const info of list) runs.set(info.id, info);
-  renderRunList();
-  if (selected === null) {
-    const pick = pickRun(runs.values(), wantedRun);
-    if (pick !== null) select(pick);
-    else renderEmptyState();
-  } else {
-    renderHeader();
+  if (view.runs.length === 0) {
+    const pick = pickRun(runs.values());
+    if (pick !== null) view.runs = [pick];
   }
+  selectionChanged();
 }
 
 function onRun(info) {
@@ -244,65 +385,160 @@ function onRun(info) {
     throw new TypeError("run message without a RunInfo");
   }
   if (info.status === "deleted") {
-    // Deleted by an admin: forget it; if it was on screen, show the empty state.
     runs.delete(info.id);
-    subscribed.delete(info.id);
     delete state.series[info.id];
     delete state.lastSeq[info.id];
-    renderRunList();
-    if (selected === info.id) {
-      selected = null;
-      clearCharts();
-      renderHeader();
-      renderEmptyState();
-    }
+    zooms.delete(info.id);
+    recentFrames.delete(info.id);
+    view.runs = view.runs.filter((id) => id !== info.id);
+    if (view.focus === info.id) view.focus = null;
+    selectionChanged();
     return;
   }
+  const known = runs.get(info.id);
+  // Points frames may have moved `updated` past what this (older) event says.
+  if (known !== undefined && known.updated > info.updated) info = { ...info, updated: known.updated };
   runs.set(info.id, info);
+  if (view.runs.includes(info.id) && known === undefined) {
+    selectionChanged(); // a run the URL named has appeared
+    return;
+  }
+  if (view.runs.length === 0) {
+    view.runs = [info.id]; // the first run to appear
+    selectionChanged();
+    return;
+  }
   renderRunList();
-  if (selected === null) select(info.id); // the first run to appear
-  else if (selected === info.id) renderHeader();
+  renderHeader();
+  if (view.focus === info.id) refreshRunPage();
 }
 
 function onPoints(frame) {
+  const id = frame.run;
+  if (state.series[id] === undefined) return; // not loaded here (an old subscription)
   const result = applyPointsFrame(state, frame);
   if (result === null) return; // already seen
-  if (frame.run !== selected) return; // kept for when it is selected again
-  if (result.added.length > 0) addCharts();
+  const store = state.series[id];
+  const budget = pointsBudget();
+  let newest = -Infinity;
+  for (const key of result.changed) {
+    const entry = store[key];
+    newest = Math.max(newest, entry.time[entry.time.length - 1]);
+    if (entry.value.length > COMPACT_FACTOR * budget) store[key] = downsample(entry, budget);
+  }
+  mergeIntoZoom(id, frame);
+  remember(frame);
+  if (Number.isFinite(newest)) {
+    lastLive = { at: performance.now(), lag: Date.now() / 1000 - newest };
+    renderLag();
+    const info = runs.get(id);
+    if (info !== undefined && newest > info.updated) runs.set(id, { ...info, updated: newest });
+  }
+  if (!view.runs.includes(id)) return; // kept for when it is selected again
+  if (result.added.length > 0) layoutCharts();
   for (const key of result.changed) dirty.add(key);
+  followLatest();
   scheduleRender();
+}
+
+/**
+ * Live points also extend a zoomed view whose range they reach. A frame is
+ * merged when it ends after the zoom's read (`seq`); one that straddles it (a
+ * catch-up) may repeat a few points there, which draws the same, where
+ * skipping it would leave a gap.
+ */
+function mergeIntoZoom(id, frame) {
+  const zoom = zooms.get(id);
+  if (zoom === undefined || frame.seq <= zoom.seq) return;
+  for (const [key, cols] of Object.entries(frame.series)) {
+    const keep = [];
+    for (let i = 0; i < cols.step.length; i++) if (cols.step[i] >= zoom.range[0]) keep.push(i);
+    if (keep.length === 0) continue;
+    let entry = zoom.series[key];
+    if (entry === undefined) entry = zoom.series[key] = { step: [], time: [], value: [], sampled: false };
+    insertPoints(
+      entry,
+      keep.map((i) => cols.step[i]),
+      keep.map((i) => cols.time[i]),
+      keep.map((i) => decodeValue(cols.value[i])),
+    );
+  }
+  zoom.seq = frame.seq;
+}
+
+/** Run id -> its latest points frames, replayed into a zoom whose read they outran. */
+const recentFrames = new Map();
+const RECENT_FRAMES = 256;
+
+function remember(frame) {
+  let list = recentFrames.get(frame.run);
+  if (list === undefined) recentFrames.set(frame.run, (list = []));
+  list.push(frame);
+  if (list.length > RECENT_FRAMES) list.splice(0, list.length - RECENT_FRAMES);
 }
 
 // ---- selection ------------------------------------------------------------
 
-function select(id) {
-  if (id === selected) return;
-  clearCharts();
-  selected = id;
-  const url = new URL(location.href);
-  url.searchParams.set("run", id);
-  history.replaceState(history.state, "", url);
+function selectionChanged() {
+  assignColours(colourSlots, view.runs, PALETTE);
+  for (const id of view.runs) ensureLoaded(id);
+  for (const id of [...zooms.keys()]) if (!view.runs.includes(id)) zooms.delete(id);
+  writeUrl();
   renderRunList();
   renderHeader();
-  renderEmptyState();
-  if (subscribed.has(id)) {
-    // Followed all along: draw what is already here.
-    if (state.series[id] !== undefined) {
-      addCharts();
-      for (const key of Object.keys(state.series[id])) dirty.add(key);
-      scheduleRender();
-    }
-  } else {
-    subscribe(id);
-  }
+  renderLegend();
+  renderPage();
+  layoutCharts();
+  markAllDirty();
+  if (view.zoom !== null) requestZoomData();
+}
+
+/** Show one run alone. */
+function selectOnly(id) {
+  view.runs = [id];
+  view.focus = null;
+  closeMenu();
+  selectionChanged();
+}
+
+/** Add a run to the overlay, or take it out. */
+function toggleRun(id, on) {
+  const has = view.runs.includes(id);
+  if (on && !has) view.runs = [...view.runs, id];
+  if (!on && has) view.runs = view.runs.filter((r) => r !== id);
+  if (view.focus !== null && !view.runs.includes(view.focus)) view.focus = null;
+  selectionChanged();
 }
 
 el.runs.addEventListener("click", (event) => {
-  const button = event.target.closest("[data-run-id]");
-  if (button !== null && el.runs.contains(button)) select(button.dataset.runId);
+  const item = event.target.closest("li[data-run-id]");
+  if (item === null || !el.runs.contains(item)) return;
+  const id = item.dataset.runId;
+  if (event.target.closest(".run-check") !== null) {
+    toggleRun(id, event.target.checked);
+  } else if (event.target.closest(".run-open") !== null) {
+    selectOnly(id);
+  }
 });
 
-// ---- run list and header ----------------------------------------------------
+el.search.value = view.q;
+el.search.addEventListener("input", () => {
+  view.q = el.search.value;
+  writeUrl();
+  renderRunList();
+});
+el.statusFilter.addEventListener("change", renderRunList);
+
+function closeMenu() {
+  document.body.classList.remove("menu-open");
+  el.menu.setAttribute("aria-expanded", "false");
+}
+el.menu.addEventListener("click", () => {
+  const open = document.body.classList.toggle("menu-open");
+  el.menu.setAttribute("aria-expanded", String(open));
+});
+
+// ---- run list, header, legend, run page -------------------------------------
 
 function badge(status) {
   const node = make("span", "badge", status);
@@ -310,158 +546,319 @@ function badge(status) {
   return node;
 }
 
+/** Palette colours of the current theme (reading CSS per draw would force style work). */
+let palette = null;
+
+function colourOf(id) {
+  if (palette === null) palette = Array.from({ length: PALETTE }, (_, i) => cssVar(`--series-${i}`));
+  return palette[colourSlots.get(id) ?? 0];
+}
+
 function renderRunList() {
-  const items = sortRuns(runs.values()).map((info) => {
-    const button = make("button", "run");
-    button.type = "button";
-    button.dataset.runId = info.id;
-    button.title = `${info.project} / ${info.name || info.id}`;
-    if (info.id === selected) button.setAttribute("aria-current", "true");
-    button.append(
-      make("span", "run-name-text", info.name || info.id),
-      make("span", "run-project-text", info.project),
-      badge(info.status),
+  const now = Date.now() / 1000;
+  const shown = filterRuns(sortRuns(runs.values()), view.q, el.statusFilter.value);
+  const items = shown.map((info) => {
+    const li = make("li", "run");
+    li.dataset.runId = info.id;
+    const on = view.runs.includes(info.id);
+    if (on) li.setAttribute("aria-current", "true");
+    const check = make("input", "run-check");
+    check.type = "checkbox";
+    check.checked = on;
+    check.setAttribute("aria-label", `overlay ${info.name || info.id}`);
+    if (on) check.style.setProperty("--c", colourOf(info.id));
+    const open = make("button", "run-open", info.name || info.id);
+    open.type = "button";
+    open.title = `${info.project} / ${info.name || info.id}`;
+    const meta = make("span", "run-meta-line");
+    meta.append(make("span", "run-project-text", info.project), badge(info.status));
+    const times = make("span", "run-times");
+    times.append(
+      make("span", "run-started", new Date(info.created * 1000).toLocaleString([], { dateStyle: "short", timeStyle: "short" })),
+      make("span", "run-duration-text", formatDuration(runDuration(info, now))),
+      make("span", "run-ago", `updated ${formatAgo(now - info.updated)}`),
     );
-    const li = make("li");
-    li.append(button);
+    li.append(check, open, meta, times);
     return li;
   });
   el.runs.replaceChildren(...items);
-  el.runsEmpty.hidden = items.length > 0;
+  el.runsEmpty.hidden = runs.size > 0;
+  el.runsEmpty.textContent = runsReceived
+    ? "No runs yet. Start a training script that logs to this server and it appears here."
+    : "Waiting for the server…";
+}
+
+/** The run the header describes: the open run page's, else the only selected run. */
+function headerRunId() {
+  if (view.focus !== null) return view.focus;
+  return view.runs.length === 1 ? view.runs[0] : null;
 }
 
 function renderHeader() {
-  const info = selected === null ? undefined : runs.get(selected);
+  const id = headerRunId();
+  const info = id === null ? undefined : runs.get(id);
+  el.header.hidden = id === null;
   if (info === undefined) {
-    // Nothing selected, or a selected run that the server did not list.
-    el.header.hidden = selected === null;
-    el.name.textContent = selected ?? "";
+    el.name.textContent = id ?? "";
     el.project.textContent = "";
     el.runStatus.textContent = "unknown";
     el.runStatus.dataset.status = "unknown";
-    el.created.textContent = "";
-    el.runId.textContent = "";
+    el.created.textContent = el.duration.textContent = el.runId.textContent = "";
     el.config.replaceChildren();
     el.configBox.hidden = true;
+    el.pageToggle.hidden = true;
     return;
   }
-  el.header.hidden = false;
   el.name.textContent = info.name || info.id;
   document.title = `${info.name || info.id} · trainwire`;
   el.project.textContent = info.project;
   el.runStatus.textContent = info.status;
   el.runStatus.dataset.status = info.status;
-  el.created.textContent = Number.isFinite(info.created)
-    ? `started ${new Date(info.created * 1000).toLocaleString()}`
-    : "";
+  el.created.textContent = Number.isFinite(info.created) ? `started ${new Date(info.created * 1000).toLocaleString()}` : "";
+  el.duration.textContent = formatDuration(runDuration(info, Date.now() / 1000));
   el.runId.textContent = info.id;
-  const rows = configEntries(info.config);
-  el.config.replaceChildren(...rows.flatMap(([key, value]) => [make("dt", "", key), make("dd", "", value)]));
-  el.configBox.hidden = rows.length === 0;
+  el.pageToggle.hidden = false;
+  el.pageToggle.textContent = view.focus === null ? "run page" : "back to charts";
+  fillDl(el.config, configEntries(info.config));
+  el.configBox.hidden = el.config.childElementCount === 0;
 }
 
-function renderEmptyState() {
-  let text = "";
-  if (selected === null) {
-    text = !runsReceived ? "Waiting for the server…" : runs.size === 0 ? "No runs yet." : "Select a run.";
-  } else if (charts.size === 0) {
-    text = "Waiting for metrics…";
+function fillDl(dl, rows) {
+  dl.replaceChildren(...rows.flatMap(([key, value]) => [make("dt", "", key), make("dd", "", value)]));
+}
+
+function renderLegend() {
+  el.legend.hidden = view.runs.length < 2 || view.focus !== null;
+  el.legend.replaceChildren(
+    ...view.runs.map((id) => {
+      const info = runs.get(id);
+      const li = make("li", "legend-item");
+      li.dataset.legendRun = id;
+      const swatch = make("span", "swatch");
+      swatch.style.setProperty("--c", colourOf(id));
+      const name = make("button", "legend-name", info?.name || id);
+      name.type = "button";
+      name.title = "open the run page";
+      name.addEventListener("click", () => openPage(id));
+      const remove = make("button", "legend-remove", "×");
+      remove.type = "button";
+      remove.setAttribute("aria-label", `remove ${info?.name || id} from the charts`);
+      remove.addEventListener("click", () => toggleRun(id, false));
+      li.append(swatch, name, info ? badge(info.status) : "", remove);
+      return li;
+    }),
+  );
+}
+
+function openPage(id) {
+  view.focus = id;
+  selectionChanged();
+}
+
+el.pageToggle.addEventListener("click", () => {
+  view.focus = view.focus === null ? headerRunId() : null;
+  selectionChanged();
+});
+
+function renderPage() {
+  const onPage = view.focus !== null;
+  el.page.hidden = !onPage;
+  el.toolbar.hidden = onPage || view.runs.length === 0;
+  el.charts.hidden = onPage;
+  if (onPage) refreshRunPage();
+}
+
+let pageFetch = { id: null, at: 0 };
+
+/** Fetch the run page's summary and environment (at most every 2 s per run). */
+async function refreshRunPage() {
+  const id = view.focus;
+  if (id === null) return;
+  const now = performance.now();
+  if (pageFetch.id === id && now - pageFetch.at < 2000) return;
+  pageFetch = { id, at: now };
+  let detail;
+  try {
+    const response = await fetch(`/api/runs/${encodeURIComponent(id)}`, { credentials: "same-origin" });
+    if (!response.ok) throw new Error(`${response.status} ${response.statusText}`);
+    detail = await response.json();
+  } catch (err) {
+    showStatus(`could not load the run page: ${err.message}`);
+    return;
   }
-  el.chartsEmpty.textContent = text;
-  el.chartsEmpty.hidden = text === "";
+  if (view.focus !== id) return;
+  const body = el.summary.tBodies[0];
+  body.replaceChildren(
+    ...summaryRows(detail.summary).map((row) => {
+      const tr = make("tr");
+      const th = make("th", "", row.key);
+      th.scope = "row";
+      tr.append(
+        th,
+        make("td", "", row.last === null ? "\u2014" : `${formatValue(row.last)} @ ${row.lastStep}`),
+        make("td", "", formatValue(row.min)),
+        make("td", "", formatValue(row.max)),
+        make("td", "", String(row.count)),
+      );
+      return tr;
+    }),
+  );
+  fillDl(el.pageConfig, configEntries(detail.config ?? {}));
+  fillDl(el.env, configEntries(detail.env ?? {}));
+}
+
+// Ticks "updated n s ago", durations and the lag once a second.
+setInterval(() => {
+  const now = Date.now() / 1000;
+  for (const li of el.runs.children) {
+    const info = runs.get(li.dataset.runId);
+    if (info === undefined) continue;
+    li.querySelector(".run-ago").textContent = `updated ${formatAgo(now - info.updated)}`;
+    li.querySelector(".run-duration-text").textContent = formatDuration(runDuration(info, now));
+  }
+  const id = headerRunId();
+  const info = id === null ? undefined : runs.get(id);
+  if (info !== undefined) el.duration.textContent = formatDuration(runDuration(info, now));
+  renderLag();
+}, 1000);
+
+// ---- toolbar --------------------------------------------------------------
+
+function syncToolbar() {
+  el.smooth.value = String(view.smooth);
+  el.smoothValue.textContent = view.smooth.toFixed(2);
+  el.log.checked = view.log;
+  el.xmode.value = view.x;
+  el.follow.checked = view.follow;
+  el.metricFilter.value = view.metrics;
+  el.resetZoom.hidden = view.zoom === null;
+}
+
+el.smooth.addEventListener("input", () => {
+  view.smooth = Number(el.smooth.value);
+  el.smoothValue.textContent = view.smooth.toFixed(2);
+  writeUrl();
+  markAllDirty();
+});
+el.log.addEventListener("change", () => {
+  view.log = el.log.checked;
+  writeUrl();
+  markAllDirty();
+});
+el.xmode.addEventListener("change", () => {
+  view.x = el.xmode.value;
+  resetZoom(); // the old range is in the old axis' units
+});
+el.follow.addEventListener("change", () => {
+  view.follow = el.follow.checked;
+  writeUrl();
+  followLatest();
+  markAllDirty();
+});
+el.metricFilter.addEventListener("input", () => {
+  view.metrics = el.metricFilter.value;
+  writeUrl();
+  layoutCharts();
+  markAllDirty();
+});
+el.resetZoom.addEventListener("click", () => resetZoom());
+
+// ---- zoom -----------------------------------------------------------------
+
+function setZoom(min, max) {
+  if (!(max > min)) return;
+  // Zooming into the past stops following; a range that reaches the newest data keeps it.
+  if (view.follow && max < latestX()) view.follow = false;
+  const old = view.zoom;
+  view.zoom = [min, max];
+  // Keep finer data already here if the new range lies inside it; else draw the
+  // coarse full view at once while the finer data comes.
+  if (old === null || min < old[0] || max > old[1]) zooms.clear();
+  syncToolbar();
+  writeUrl();
+  requestZoomData();
+  markAllDirty();
+}
+
+function resetZoom() {
+  view.zoom = null;
+  zoomGeneration += 1;
+  zooms.clear();
+  syncToolbar();
+  writeUrl();
+  markAllDirty();
+}
+
+/** The largest x drawn now, over the selected runs' full views. */
+function latestX() {
+  let latest = -Infinity;
+  for (const id of view.runs) {
+    const store = state.series[id];
+    if (store === undefined) continue;
+    for (const key of Object.keys(store)) {
+      const xs = xValues(store[key], view.x, runs.get(id)?.created ?? 0);
+      if (xs.length > 0) latest = Math.max(latest, xs[xs.length - 1]);
+    }
+  }
+  return latest;
+}
+
+/** Following and zoomed: slide the range so the newest point stays at its right edge. */
+function followLatest() {
+  if (!view.follow || view.zoom === null) return;
+  const latest = latestX();
+  const [min, max] = view.zoom;
+  if (latest > max) view.zoom = [latest - (max - min), latest];
+}
+
+/** Fetch the zoomed range of every selected run that is downsampled there. */
+function requestZoomData() {
+  if (view.zoom === null) return;
+  const generation = ++zoomGeneration;
+  const [min, max] = view.zoom;
+  marks.zoomRequested = performance.now();
+  const widest = Math.max(200, ...[...charts.values()].map((c) => c.plot?.width ?? 0));
+  for (const id of view.runs) {
+    const store = state.series[id];
+    if (store === undefined) continue;
+    const keys = Object.keys(store);
+    // Raw already (nothing downsampled): the full view has every point of the range.
+    if (!keys.some((k) => store[k].sampled)) continue;
+    const range = stepRange(store[keys[0]], view.x, runs.get(id)?.created ?? 0, min, max);
+    if (range === null) continue;
+    fetchMetrics(id, { points: Math.round(2 * widest), start: range[0], end: range[1] })
+      .then(({ seq, series }) => {
+        if (generation !== zoomGeneration || !view.runs.includes(id)) return;
+        zooms.set(id, { range, seq, series, generation });
+        // Points that arrived live while the request was out: not in its read.
+        for (const frame of recentFrames.get(id) ?? []) mergeIntoZoom(id, frame);
+        markAllDirty();
+      })
+      .catch((err) => console.warn(`trainwire: zoom fetch for ${id} failed:`, err));
+  }
 }
 
 // ---- charts ---------------------------------------------------------------
 
-function cssVar(name) {
-  return getComputedStyle(document.documentElement).getPropertyValue(name).trim();
-}
-
-/**
- * uPlot axis size that fits the longest tick label (after uPlot's autosize
- * demo). uPlot lays out in up to 3 cycles; the first may see splits for a
- * stale plot height, so measure in cycles 1 and 2 and keep the size in the
- * last one (whose layout is not recomputed).
- */
-function axisSize(u, values, axisIdx, cycleNum) {
-  const axis = u.axes[axisIdx];
-  if (cycleNum > 2) return axis._size;
-  let size = axis.ticks.size + axis.gap;
-  const longest = (values ?? []).reduce((acc, v) => (v.length > acc.length ? v : acc), "");
-  if (longest !== "") {
-    u.ctx.font = axis.font[0];
-    size += u.ctx.measureText(longest).width / devicePixelRatio;
+/** Metric keys to chart: every key of a selected, loaded run that passes the filter. */
+function chartKeys() {
+  const keys = new Set();
+  const filter = view.metrics.toLowerCase().split(/\s+/).filter(Boolean);
+  for (const id of view.runs) {
+    const store = state.series[id];
+    if (store === undefined) continue;
+    for (const key of Object.keys(store)) {
+      const lower = key.toLowerCase();
+      if (filter.every((w) => lower.includes(w))) keys.add(key);
+    }
   }
-  return Math.ceil(size);
+  return keys;
 }
 
-/** Plots -> consecutive re-layouts asked by fitYAxis (to stop after a few). */
-const refits = new WeakMap();
-
-/**
- * After a draw, check that the y tick labels fit the axis; if not (uPlot
- * stops its layout after 3 cycles, which a first draw or axes appearing can
- * need more than), lay out once more from the settled plot size.
- */
-function fitYAxis(u) {
-  const axis = u.axes[1];
-  if (!axis._show || !axis._values) return;
-  if (axisSize(u, axis._values, 1, 1) <= axis._size) {
-    refits.delete(u);
-    return;
-  }
-  const count = refits.get(u) ?? 0;
-  if (count >= 2) return;
-  refits.set(u, count + 1);
-  queueMicrotask(() => u.setSize({ width: u.width, height: u.height }));
-}
-
-const tickValues = (u, splits) => splits.map((v) => (v === null ? "" : formatValue(v)));
-
-function colourFor(group) {
-  if (!groupColours.has(group)) groupColours.set(group, groupColours.size % 6);
-  return cssVar(`--series-${groupColours.get(group)}`);
-}
-
-function plotOptions(key, group, width) {
-  const axisColour = cssVar("--axis");
-  const gridColour = cssVar("--grid");
-  const axis = {
-    stroke: axisColour,
-    grid: { stroke: gridColour, width: 1 },
-    ticks: { stroke: gridColour, width: 1 },
-    values: tickValues,
-  };
-  return {
-    width,
-    height: CHART_HEIGHT,
-    legend: { show: false },
-    cursor: { drag: { x: false, y: false, setScale: false } },
-    scales: { x: { time: false } },
-    series: [{ label: "step" }, { label: key, stroke: colourFor(group), width: 1.5, spanGaps: false }],
-    axes: [{ ...axis, size: 36 }, { ...axis, size: axisSize }],
-    hooks: { setCursor: [(u) => updateLabel(key, u.cursor.idx)], draw: [fitYAxis] },
-  };
-}
-
-/** The "last value" label; while hovering, the value under the cursor. */
-function updateLabel(key, hoverIdx = null) {
-  const chart = charts.get(key);
-  const entry = selected === null ? undefined : state.series[selected]?.[key];
-  if (chart === undefined || entry === undefined) return;
-  let point = lastPoint(entry);
-  let prefix = "last";
-  if (hoverIdx !== null && hoverIdx !== undefined && hoverIdx < entry.value.length) {
-    point = { step: entry.step[hoverIdx], value: entry.value[hoverIdx] };
-    prefix = "at";
-  }
-  if (point === null) {
-    chart.last.textContent = "";
-    chart.last.dataset.nonfinite = "false";
-    return;
-  }
-  chart.last.textContent = `${prefix} step ${point.step}: ${formatValue(point.value)}`;
-  chart.last.dataset.nonfinite = String(!Number.isFinite(point.value));
+/** The entry drawn for a run's metric: the zoom's finer data when there is some. */
+function entryFor(id, key) {
+  const zoom = zooms.get(id);
+  return zoom?.series[key] ?? state.series[id]?.[key];
 }
 
 const resizer = new ResizeObserver((entries) => {
@@ -474,19 +871,26 @@ const resizer = new ResizeObserver((entries) => {
   }
 });
 
-function newPlot(chart, key) {
-  const width = Math.max(200, Math.floor(chart.plotBox.clientWidth) || 0);
-  // Built with the data it has: its first layout then sees the real ticks.
-  const entry = state.series[selected]?.[key];
-  const data = entry === undefined ? [[], []] : toUPlotData(entry);
-  chart.plot = new uPlot(plotOptions(key, chart.group, width), data, chart.plotBox);
-}
-
-/** Create charts for new keys of the selected run and lay all out in order. */
-function addCharts() {
-  const store = state.series[selected];
-  const layout = groupKeys(Object.keys(store));
-  for (const { group, keys } of layout) {
+/** Create, order and drop charts to match the keys to show. */
+function layoutCharts() {
+  const keys = view.focus === null ? chartKeys() : new Set();
+  for (const [key, chart] of charts) {
+    if (keys.has(key)) continue;
+    resizer.unobserve(chart.plotBox);
+    visibility.unobserve(chart.plotBox);
+    chart.plot?.destroy();
+    chart.figure.remove();
+    charts.delete(key);
+  }
+  const layout = groupKeys(keys);
+  const live = new Set(layout.map((g) => g.group));
+  for (const [group, g] of groups) {
+    if (!live.has(group)) {
+      g.section.remove();
+      groups.delete(group);
+    }
+  }
+  for (const { group, keys: groupKeysList } of layout) {
     let g = groups.get(group);
     if (g === undefined) {
       const section = make("section", "group");
@@ -497,77 +901,272 @@ function addCharts() {
       groups.set(group, g);
     }
     el.charts.append(g.section); // moves existing sections into order
-    for (const key of keys) {
+    for (const key of groupKeysList) {
       let chart = charts.get(key);
-      if (chart === undefined) {
-        const figure = make("figure", "chart");
-        figure.dataset.key = key;
-        figure.dataset.points = "0";
-        const caption = make("figcaption", "chart-caption");
-        const last = make("span", "chart-last");
-        caption.append(make("span", "chart-key", key), last);
-        caption.firstChild.title = key;
-        const plotBox = make("div", "chart-plot");
-        figure.append(caption, plotBox);
-        g.grid.append(figure);
-        chart = { figure, last, plotBox, plot: null, group };
-        chartOfBox.set(plotBox, chart);
-        charts.set(key, chart);
-        newPlot(chart, key);
-        resizer.observe(plotBox);
-        dirty.add(key);
-      } else {
-        g.grid.append(chart.figure);
-      }
+      if (chart === undefined) chart = newChart(key, group);
+      g.grid.append(chart.figure);
     }
   }
   renderEmptyState();
 }
 
-function clearCharts() {
-  for (const chart of charts.values()) {
-    resizer.unobserve(chart.plotBox);
-    chart.plot.destroy();
+function newChart(key, group) {
+  const figure = make("figure", "chart");
+  figure.dataset.key = key;
+  figure.dataset.points = "0";
+  const caption = make("figcaption", "chart-caption");
+  const name = make("span", "chart-key", key);
+  name.title = key;
+  const last = make("span", "chart-last");
+  const actions = make("span", "chart-actions");
+  const png = make("button", "chart-action", "PNG");
+  png.type = "button";
+  png.title = "download this chart as PNG";
+  const csv = make("details", "chart-csv");
+  const csvSummary = make("summary", "chart-action", "CSV");
+  csvSummary.title = "download a run's series as CSV (every raw point)";
+  const csvList = make("div", "chart-csv-list");
+  csv.append(csvSummary, csvList);
+  actions.append(png, csv);
+  caption.append(name, last, actions);
+  const plotBox = make("div", "chart-plot");
+  figure.append(caption, plotBox);
+  const chart = { key, figure, last, plotBox, plot: null, signature: "", group, csvList, runs: [], cache: null, visible: true };
+  png.addEventListener("click", () => {
+    if (chart.plot === null) return;
+    const labels = chart.runs.map((id) => ({ label: runs.get(id)?.name || id, colour: colourOf(id) }));
+    savePng(chart.plot, key, labels, `${fileSafe(chart.runs.length === 1 ? runs.get(chart.runs[0])?.name || chart.runs[0] : "runs")}-${fileSafe(key)}.png`);
+  });
+  csv.addEventListener("toggle", () => {
+    if (!csv.open) return;
+    csvList.replaceChildren(
+      ...chart.runs.map((id) => {
+        const a = make("a", "", runs.get(id)?.name || id);
+        a.href = `/api/runs/${encodeURIComponent(id)}/csv?key=${encodeURIComponent(key)}`;
+        a.download = "";
+        return a;
+      }),
+    );
+  });
+  chartOfBox.set(plotBox, chart);
+  charts.set(key, chart);
+  resizer.observe(plotBox);
+  visibility.observe(plotBox);
+  dirty.add(key);
+  return chart;
+}
+
+function fileSafe(text) {
+  return String(text).replace(/[^A-Za-z0-9._-]+/g, "_").slice(0, 80) || "chart";
+}
+
+function renderEmptyState() {
+  let text = "";
+  if (view.runs.length === 0) {
+    text = !runsReceived ? "Waiting for the server…" : runs.size === 0 ? "No runs yet." : "Select a run.";
+  } else if (view.focus === null && charts.size === 0) {
+    text = view.runs.some((id) => loading.has(id)) || view.runs.some((id) => state.series[id] === undefined)
+      ? "Loading…"
+      : view.metrics
+        ? "No metric matches the filter."
+        : "Waiting for metrics…";
   }
-  charts.clear();
-  groups.clear();
-  groupColours.clear();
-  dirty.clear();
-  el.charts.replaceChildren();
+  el.chartsEmpty.textContent = text;
+  el.chartsEmpty.hidden = text === "";
+  syncToolbar();
 }
 
+function markAllDirty() {
+  for (const key of charts.keys()) dirty.add(key);
+  scheduleRender();
+}
+
+/** Drawing budget of one animation frame, in ms. */
+const FRAME_BUDGET_MS = 8;
+
+/**
+ * Draw dirty charts at the next animation frame, time-sliced: a frame draws
+ * charts until it has spent FRAME_BUDGET_MS (at least one), and the rest wait
+ * for the next frame, oldest first. With many runs updating, every chart still
+ * updates several times a second and no frame is held long enough to stutter.
+ * Charts scrolled out of view are not drawn until they come back.
+ */
 function scheduleRender() {
-  if (renderScheduled) return;
-  renderScheduled = true;
-  requestAnimationFrame(render);
+  if (renderTimer !== null) return;
+  renderTimer = requestAnimationFrame(render);
 }
 
-/** Draw the new data of every dirty chart (at most once per frame). */
 function render() {
-  renderScheduled = false;
-  const store = selected === null ? undefined : state.series[selected];
+  renderTimer = null;
+  const started = performance.now();
   for (const key of dirty) {
     const chart = charts.get(key);
-    const entry = store?.[key];
-    if (chart === undefined || entry === undefined) continue;
-    chart.plot.setData(toUPlotData(entry));
-    chart.figure.dataset.points = String(entry.value.length);
-    updateLabel(key, chart.plot.cursor.idx);
+    if (chart !== undefined && !chart.visible && chart.plot !== null) continue; // drawn when seen
+    dirty.delete(key);
+    if (chart !== undefined) drawChart(chart);
+    if (performance.now() - started > FRAME_BUDGET_MS) break;
   }
-  dirty.clear();
+  marks.renders += 1;
+  const done = performance.now();
+  marks.renderMs += done - started;
+  for (const [id, at] of pendingHistory) {
+    if (!view.runs.includes(id)) continue;
+    if ([...charts.values()].some((c) => c.visible && c.plot === null && dirty.has(c.key))) continue;
+    marks.historyDrawn[id] = done - at;
+    marks.historyDrawnAt[id] = done;
+    pendingHistory.delete(id);
+  }
+  if (zooms.size > 0 && [...zooms.values()].some((z) => z.generation === zoomGeneration)) {
+    if (![...charts.values()].some((c) => c.visible && dirty.has(c.key))) {
+      marks.zoomDrawn = Math.max(marks.zoomDrawn, done);
+    }
+  }
+  if ([...dirty].some((key) => charts.get(key)?.visible)) scheduleRender();
+}
+
+const visibility = new IntersectionObserver(
+  (entries) => {
+    for (const entry of entries) {
+      const chart = chartOfBox.get(entry.target);
+      if (chart === undefined) continue;
+      chart.visible = entry.isIntersecting;
+      if (chart.visible && dirty.has(chart.key)) scheduleRender();
+    }
+  },
+  { rootMargin: "200px" },
+);
+
+function drawChart(chart) {
+  const key = chart.key;
+  const ids = view.runs.filter((id) => entryFor(id, key) !== undefined);
+  const smoothed = view.smooth > 0;
+  const xsList = [];
+  const ysList = [];
+  const entries = [];
+  const smooth = [];
+  for (const id of ids) {
+    const entry = entryFor(id, key);
+    const xs = xValues(entry, view.x, runs.get(id)?.created ?? 0);
+    entries.push(entry);
+    if (smoothed) {
+      const s = ema(entry.value, view.smooth);
+      smooth.push(s);
+      xsList.push(xs, xs);
+      ysList.push(entry.value, s);
+    } else {
+      xsList.push(xs);
+      ysList.push(entry.value);
+    }
+  }
+  const data = ids.length === 0 ? [[], []] : alignSeries(xsList, ysList);
+  if (view.log) {
+    for (let c = 1; c < data.length; c++) data[c] = data[c].map((v) => (v === undefined ? v : v > 0 ? v : null));
+  }
+  chart.runs = ids;
+  chart.cache = { ids, entries, smooth };
+  const signature = [ids.join("\u0000"), ids.map(colourOf).join(","), smoothed, view.log, view.x, themeGeneration].join("|");
+  if (chart.plot === null || signature !== chart.signature || ids.length === 0) {
+    chart.plot?.destroy();
+    chart.plot = null;
+    chart.signature = signature;
+    if (ids.length > 0) {
+      const width = Math.max(200, Math.floor(chart.plotBox.clientWidth) || 0);
+      const spec = {
+        width,
+        runs: ids.map((id) => ({ label: runs.get(id)?.name || id, colour: colourOf(id) })),
+        smoothed,
+        log: view.log,
+        xMode: view.x,
+        onZoom: (min, max) => setZoom(min, max),
+        onReset: () => resetZoom(),
+        onCursor: (u) => showTooltip(chart, u),
+      };
+      chart.plot = new uPlot(plotOptions(spec), data, chart.plotBox);
+      chart.plot.over.addEventListener("mouseenter", () => (hovered = chart));
+      chart.plot.over.addEventListener("mouseleave", () => {
+        if (hovered === chart) hovered = null;
+        tooltip.hidden = true;
+      });
+      chart.plot.over.addEventListener("touchstart", () => (hovered = chart), { passive: true });
+    }
+  } else {
+    // In one batch: uPlot draws once, now, inside this frame's time slice.
+    chart.plot.batch(() => {
+      chart.plot.setData(data, view.zoom === null);
+      if (view.zoom !== null) chart.plot.setScale("x", { min: view.zoom[0], max: view.zoom[1] });
+    });
+  }
+  if (chart.plot !== null && view.zoom !== null && chart.plot.scales.x.min !== view.zoom[0]) {
+    chart.plot.setScale("x", { min: view.zoom[0], max: view.zoom[1] });
+  }
+  chart.figure.dataset.points = String(entries.reduce((n, e) => n + e.value.length, 0));
+  chart.figure.dataset.runs = ids.join(",");
+  chart.figure.dataset.sampled = String(entries.some((e) => e.sampled));
+  updateLabel(chart);
+}
+
+/** The caption's "last value" (single run): the newest point of the full view. */
+function updateLabel(chart) {
+  const id = chart.runs.length === 1 ? chart.runs[0] : null;
+  const entry = id === null ? undefined : state.series[id]?.[chart.key];
+  const point = entry === undefined ? null : lastPoint(entry);
+  if (point === null) {
+    chart.last.textContent = chart.runs.length > 1 ? `${chart.runs.length} runs` : "";
+    chart.last.dataset.nonfinite = "false";
+    return;
+  }
+  chart.last.textContent = `last step ${point.step}: ${formatValue(point.value)}`;
+  chart.last.dataset.nonfinite = String(!Number.isFinite(point.value));
+}
+
+/** The tooltip of the chart under the cursor: every drawn run's value at that x. */
+function showTooltip(chart, u) {
+  if (hovered !== chart || u.cursor.left === undefined || u.cursor.left < 0 || chart.cache === null) {
+    if (hovered === chart) tooltip.hidden = true;
+    return;
+  }
+  const x = u.posToVal(u.cursor.left, "x");
+  const { ids, entries, smooth } = chart.cache;
+  const rows = [];
+  let stepShown = null;
+  ids.forEach((id, n) => {
+    const entry = entries[n];
+    const i = nearestIndex(xValues(entry, view.x, runs.get(id)?.created ?? 0), x);
+    if (i < 0) return;
+    if (stepShown === null) stepShown = entry.step[i];
+    const row = make("div", "tooltip-row");
+    const swatch = make("span", "swatch");
+    swatch.style.setProperty("--c", colourOf(id));
+    const value = smooth.length > 0 ? `${formatValue(smooth[n][i])} (raw ${formatValue(entry.value[i])})` : formatValue(entry.value[i]);
+    row.append(swatch, make("span", "tooltip-name", runs.get(id)?.name || id), make("span", "tooltip-value", value));
+    rows.push(row);
+  });
+  if (rows.length === 0) {
+    tooltip.hidden = true;
+    return;
+  }
+  const head = make("div", "tooltip-head", `${chart.key} · step ${stepShown}`);
+  tooltip.replaceChildren(head, ...rows);
+  tooltip.hidden = false;
+  const rect = u.over.getBoundingClientRect();
+  const left = rect.left + u.cursor.left + 14;
+  const maxLeft = window.innerWidth - tooltip.offsetWidth - 8;
+  tooltip.style.left = `${Math.max(8, Math.min(left, maxLeft))}px`;
+  tooltip.style.top = `${Math.max(8, rect.top + (u.cursor.top ?? 0) + 14)}px`;
 }
 
 /** The theme changed: rebuild the plots with the new colours. */
 matchMedia("(prefers-color-scheme: dark)").addEventListener("change", () => {
-  for (const [key, chart] of charts) {
-    chart.plot.destroy();
-    newPlot(chart, key);
-    dirty.add(key);
-  }
-  scheduleRender();
+  themeGeneration += 1;
+  palette = null;
+  renderRunList();
+  renderLegend();
+  markAllDirty();
 });
 
 // ---- start ----------------------------------------------------------------
 
+syncToolbar();
+renderRunList();
 renderEmptyState();
 connect();
