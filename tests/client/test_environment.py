@@ -89,3 +89,30 @@ def test_a_failing_probe_leaves_its_fields_out_and_never_raises(
     monkeypatch.setitem(sys.modules, "pynvml", SimpleNamespace(nvmlInit=no_driver))
     env = environment.collect()
     assert env["trainwire"] == __version__ and "gpus" not in env
+
+
+def test_credentials_on_the_command_line_are_masked() -> None:
+    argv = [
+        "train.py",
+        "--token",
+        "s3cret",
+        "--db-password=hunter2",
+        "HF_TOKEN=abc",
+        "--lr",
+        "0.1",
+        "--api_key",
+        "k",
+        "tokenizer.json",
+    ]
+    assert environment.redact_argv(argv) == [
+        "train.py",
+        "--token",
+        "***",
+        "--db-password=***",
+        "HF_TOKEN=***",
+        "--lr",
+        "0.1",
+        "--api_key",
+        "***",
+        "tokenizer.json",
+    ]

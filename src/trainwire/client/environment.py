@@ -18,7 +18,7 @@ import os
 import platform
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from trainwire import __version__
 
@@ -31,7 +31,8 @@ def collect() -> dict[str, Any]:
     """The environment of this process, as JSON-like values.
 
     Returns:
-        ``host``, ``os``, ``python``, ``trainwire``, ``argv``, ``pid``; ``torch`` and
+        ``host``, ``os``, ``python``, ``trainwire``, ``argv`` (credential-like
+        option values masked: :func:`redact_argv`), ``pid``; ``torch`` and
         ``cuda`` when torch is already imported; ``gpus`` (names) and
         ``nvidia_driver`` when NVML finds an NVIDIA driver. A field whose probe
         failed is missing.
@@ -55,8 +56,34 @@ def _basics() -> dict[str, Any]:
     }
 
 
+# Command-line options whose value is a credential: anyone who may read the run
+# (a share token with read scope) sees its environment, so these are masked.
+_SECRET_WORDS: Final = ("token", "password", "passwd", "secret", "api-key", "api_key", "apikey")
+MASK: Final = "***"
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """``argv`` with the values of credential-like options masked: ``--token T``,
+    ``--token=T``, ``--db-password=T``, ``HF_TOKEN=T``."""
+    out: list[str] = []
+    mask_next = False
+    for arg in argv:
+        if mask_next:
+            out.append(MASK)
+            mask_next = False
+            continue
+        name, eq, _ = arg.partition("=")
+        secret = any(word in name.lower() for word in _SECRET_WORDS)
+        if secret and eq:
+            out.append(f"{name}={MASK}")
+        else:
+            out.append(arg)
+            mask_next = secret and arg.startswith("-")
+    return out
+
+
 def _command_line() -> dict[str, Any]:
-    return {"argv": [str(arg) for arg in sys.argv]}
+    return {"argv": redact_argv([str(arg) for arg in sys.argv])}
 
 
 def _torch() -> dict[str, Any]:
