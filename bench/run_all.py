@@ -30,7 +30,16 @@ from typing import Any, Final
 import _common as c
 
 # In the order they run: the cheap ones first.
-BENCHES: Final = ["log_cost", "latency", "cpu_overhead", "ingest", "fanout", "memory", "faults"]
+BENCHES: Final = [
+    "log_cost",
+    "latency",
+    "cpu_overhead",
+    "ingest",
+    "fanout",
+    "memory",
+    "dashboard",
+    "faults",
+]
 TIMEOUT_S: Final = {"quick": 600, "full": 3600}
 
 
