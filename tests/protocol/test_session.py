@@ -278,3 +278,17 @@ def test_client_and_server_sessions_deliver_everything_exactly_once_across_drops
     steps = [step for seq in sorted(stored) for step in stored[seq]]
     assert steps == [r * 10 + i for r in range(6) for i in range(7)]
     assert client.done
+
+
+def test_client_awaits_the_server_only_for_its_welcome_or_a_backlog() -> None:
+    client = ClientSession(SPEC, rows_per_batch=1, window=1)
+    client.connection_made()
+    assert client.awaiting_server  # no welcome yet
+    client.receive_frame(enc(Welcome(v=PROTOCOL_VERSION, run_id="r1", last_seq=0)))
+    assert not client.awaiting_server
+    client.add_rows([(i, float(i), {"x": float(i)}) for i in range(2)])
+    assert len(client.frames_to_send()) == 1  # the window holds one
+    assert client.awaiting_server  # batch 2 waits for the ack of batch 1
+    client.receive_frame(enc(Ack(seq=1)))
+    assert len(client.frames_to_send()) == 1
+    assert not client.awaiting_server  # sent everything; its ack can wait for a flush

@@ -344,7 +344,10 @@ def init(
             (keys ``system/...``); default on, off with ``TRAINWIRE_SYSTEM_METRICS=0``.
             The run's environment (host, OS, Python, command line, pid, torch and
             CUDA versions, GPU names) is recorded with the run either way.
-        flush_interval: the longest a logged point waits before it is sent.
+        flush_interval: the longest a logged point waits before it is sent while the
+            loop logs up to 250 rows a second; a faster loop stretches the wait in
+            proportion, up to 0.1 s (fewer wake-ups of the sender, which compete
+            with the loop for the GIL; a larger value here is never shortened).
         max_memory_rows: rows held in memory while the server is unreachable,
             before spilling to the run's file.
         max_disk_bytes: the run file's bound; past it new points are dropped and counted.

@@ -68,6 +68,9 @@ class TensorResolver:
         groups: dict[tuple[Any, Any], list[tuple[int, str, Any]]] = {}
         for index, (_, _, values) in enumerate(rows):
             for key, value in values.items():
+                kind = type(value)
+                if kind is float or kind is int:
+                    continue  # most values: no attribute lookups for them
                 if is_tensor(value) and value.numel() == 1:
                     groups.setdefault((value.device, value.dtype), []).append((index, key, value))
         pending = _Pending(rows)
@@ -102,7 +105,8 @@ class TensorResolver:
 
 
 def _copy(torch: Any, device: Any, members: list[tuple[int, str, Any]]) -> _Copy:
-    stacked = torch.stack([value.detach().reshape(()) for _, _, value in members])
+    # Called under no_grad: the stack records no graph, so no detach() per value.
+    stacked = torch.stack([v if v.dim() == 0 else v.reshape(()) for _, _, v in members])
     slots = [(index, key) for index, key, _ in members]
     if device.type != "cuda":
         return _Copy(stacked.cpu(), slots, None)

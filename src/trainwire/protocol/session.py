@@ -201,6 +201,12 @@ class ClientSession:
         return len(self._pending) + self.outbox.rows
 
     @property
+    def awaiting_server(self) -> bool:
+        """True while progress needs the server's next frame: its welcome, or acks to
+        open the window for batches already cut and not yet sent (a backlog)."""
+        return self.state is not ConnectionState.OPEN or self._sent_seq < self._next_seq - 1
+
+    @property
     def done(self) -> bool:
         """True once the server has acknowledged the run's end."""
         return self._finish_seq is not None and self.acked_seq >= self._finish_seq
