@@ -204,6 +204,8 @@ def test_run_page_and_downloads(live_server: LiveServer, browser: Any, tmp_path:
     env = page.locator("#run-env").inner_text()
     assert "python" in env and "host" in env
     assert "depth" in page.locator("#run-page-config").inner_text()
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "run-page.png"), full_page=True)
     page.click("#run-page-toggle")
     wait_chart(page, "train/loss", "true")
 
