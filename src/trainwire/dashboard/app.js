@@ -795,9 +795,14 @@ function latestX() {
   for (const id of view.runs) {
     const store = state.series[id];
     if (store === undefined) continue;
+    const origin = runs.get(id)?.created ?? 0;
     for (const key of Object.keys(store)) {
-      const xs = xValues(store[key], view.x, runs.get(id)?.created ?? 0);
-      if (xs.length > 0) latest = Math.max(latest, xs[xs.length - 1]);
+      const entry = store[key];
+      const n = entry.step.length;
+      if (n === 0) continue;
+      // The last point only (entries are sorted by step; times follow in practice).
+      const x = view.x === "step" ? entry.step[n - 1] : view.x === "wall" ? entry.time[n - 1] : entry.time[n - 1] - origin;
+      latest = Math.max(latest, x);
     }
   }
   return latest;
