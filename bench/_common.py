@@ -25,6 +25,7 @@ import os
 import platform
 import resource
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -47,6 +48,18 @@ TOKEN: Final = secrets.token_urlsafe(24)
 PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE")
 CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
 READY_TIMEOUT: Final = 30.0
+# Debian's Chromium, driven by Playwright (which downloads nothing here), with the
+# flags of tests/conftest.py (tests do not import bench/, so they keep their own).
+CHROMIUM: Final = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_FLAGS: Final = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 # -- results ---------------------------------------------------------------------------
 

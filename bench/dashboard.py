@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import math
 import random
-import shutil
 import statistics
 import threading
 import time
@@ -39,16 +38,6 @@ POINTS = 1_000_000
 OPEN_MS, ZOOM_MS, MIN_FPS = 1000.0, 300.0, 30.0
 RUNS, METRICS, BATCHES_PER_S = 8, 6, 10.0
 VIEWPORT = {"width": 1280, "height": 900}
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 # Counts animation frames from the moment it is called, for `seconds`.
 FPS_JS = """(seconds) => new Promise((resolve) => {
@@ -240,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         run_id = seed_long_run(server)
         print(f"  seeded {POINTS:,} points in {time.perf_counter() - seeded:.1f} s", flush=True)
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+            browser = p.chromium.launch(
+                executable_path=c.CHROMIUM, args=c.CHROMIUM_FLAGS, headless=True
+            )
             try:
                 opened = open_times(browser, server, run_id, opens)
                 zoomed = zoom_times(browser, server, run_id, zooms)

@@ -52,16 +52,6 @@ KEY = "train/loss"
 RATE = 100.0  # steps per second
 WARMUP_STEPS = 50
 WS_P50_MS, WS_P99_MS, BROWSER_P50_MS = 20.0, 100.0, 50.0
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 # Installed before the dashboard's scripts: notes when each step is drawn.
 OBSERVER_JS = """
@@ -201,7 +191,9 @@ def browser_phase(
     listener.follow(run.id)
     assert run.url is not None
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        browser = p.chromium.launch(
+            executable_path=c.CHROMIUM, args=c.CHROMIUM_FLAGS, headless=True
+        )
         try:
             page = browser.new_page()
             errors: list[str] = []
@@ -275,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         # Phase 2: headless Chromium drawing the run (and the socket still listening).
         if args.no_browser:
             print("  phase 2 skipped (--no-browser)")
-        elif not shutil.which(CHROMIUM):
-            print(f"  phase 2 skipped: no chromium at {CHROMIUM}")
+        elif not shutil.which(c.CHROMIUM):
+            print(f"  phase 2 skipped: no chromium at {c.CHROMIUM}")
             checks.append(c.Check("log() -> drawn in Chromium, p50", None, "ms", BROWSER_P50_MS))
         else:
             print(f"  phase 2: {steps} steps at {RATE:.0f}/s, headless Chromium", flush=True)

@@ -4,6 +4,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 
 import * as charts from "../../src/trainwire/dashboard/charts.js";
+import { alignSeries } from "../../src/trainwire/dashboard/series.js";
 
 const {
   OTHER_GROUP,
@@ -21,7 +22,6 @@ const {
   pickRun,
   resumeAfter,
   sortRuns,
-  toUPlotData,
 } = charts;
 
 test("the public API is exactly this", () => {
@@ -41,7 +41,6 @@ test("the public API is exactly this", () => {
     "pickRun",
     "resumeAfter",
     "sortRuns",
-    "toUPlotData",
   ]);
 });
 
@@ -218,11 +217,12 @@ test("a reconnect resumes after the last seq: no gap, no duplicate", () => {
   assert.deepEqual(state.series.r1.loss.step, [1, 2, 3, 4, 5]);
 });
 
-// ---- toUPlotData / lastPoint / formatValue ----
+// ---- uPlot data / lastPoint / formatValue ----
 
-test("toUPlotData maps non-finite values to null and keeps the steps", () => {
+test("a run's uPlot data maps non-finite values to null and keeps the steps", () => {
+  // What toUPlotData did here is series.alignSeries for one run now.
   const entry = { step: [1, 2, 3, 4], time: [0, 0, 0, 0], value: [1, NaN, Infinity, -Infinity] };
-  const [x, y] = toUPlotData(entry);
+  const [x, y] = alignSeries([entry.step], [entry.value]);
   assert.equal(x, entry.step);
   assert.deepEqual(y, [1, null, null, null]);
   assert.ok(Number.isNaN(entry.value[1]), "the entry keeps its NaN");

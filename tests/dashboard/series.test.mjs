@@ -9,7 +9,6 @@ import {
   insertPoints,
   minMaxIndices,
   nearestIndex,
-  sliceSteps,
   stepRange,
   xValues,
 } from "../../src/trainwire/dashboard/series.js";
@@ -163,9 +162,4 @@ test("xValues and stepRange map the x modes to steps", () => {
   assert.deepEqual(stepRange(entry, "step", 0, 4.5, 12.2), [4, 13]);
   assert.deepEqual(stepRange(entry, "wall", 0, 101, 102), [0, 30]); // widened by a point each side
   assert.deepEqual(stepRange(entry, "relative", 100, 1.5, 1.6), null);
-});
-
-test("sliceSteps keeps the points inside the range", () => {
-  const entry = { step: [1, 2, 3, 4], time: [1, 2, 3, 4], value: [5, 6, 7, 8], sampled: true };
-  assert.deepEqual(sliceSteps(entry, 2, 3), { step: [2, 3], time: [2, 3], value: [6, 7], sampled: true });
 });

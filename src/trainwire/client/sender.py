@@ -244,7 +244,7 @@ class Sender(threading.Thread):
             wait = max(0.0, next_flush - time.monotonic())
             if self.session.awaiting_server or self._closing.is_set():
                 self._receive(ws, wait)
-            elif not self._closing.is_set():
+            else:
                 self._wake.wait(wait)  # close() wakes it at once
 
     def _receive(self, ws: ClientConnection, timeout: float) -> None:

@@ -23,9 +23,8 @@
 //                               data-sampled: "true" when any drawn series is downsampled
 //   window.__trainwire          {lastSeq, series, zooms, view, marks, zoom(min, max), resetZoom()}
 //     series: run id -> metric key -> {step, time, value, sampled} (the full views)
-//     marks:  {historyDrawn: {run: ms from the load's start to its charts drawn},
-//              historyDrawnAt: {run: performance.now() then}, zoomRequested, zoomDrawn
-//              (performance.now() times), renders: n, renderMs: time spent drawing}
+//     marks:  {historyDrawnAt: {run: when its history was first drawn}, zoomRequested,
+//              zoomDrawn (performance.now() times), renders: n, renderMs: time spent drawing}
 //     drawn(key): the columns the chart of `key` draws (uPlot data: x, then each series)
 
 import {
@@ -39,6 +38,7 @@ import {
   lastPoint,
   newStore,
   pickRun,
+  resumeAfter,
   sortRuns,
 } from "./charts.js";
 import { CHART_HEIGHT, cssVar, plotOptions, savePng, uPlot } from "./plot.js";
@@ -69,9 +69,11 @@ const view = parseState(location.hash, location.search);
 const state = { lastSeq: newStore(), series: newStore() };
 /** Run id -> {range: [start, end], seq, series: key -> entry}: finer data of the zoomed range. */
 const zooms = new Map();
-/** Run id -> promise of its history load, while loading. */
-const loading = new Map();
-const marks = { historyDrawn: newStore(), historyDrawnAt: newStore(), zoomRequested: 0, zoomDrawn: 0, renders: 0, renderMs: 0 };
+/** Runs whose history is being fetched. */
+const loading = new Set();
+/** Runs whose history arrived and whose charts are not drawn yet (for marks). */
+const pendingHistory = new Set();
+const marks = { historyDrawnAt: newStore(), zoomRequested: 0, zoomDrawn: 0, renders: 0, renderMs: 0 };
 
 /** @type {Map<string, import("./charts.js").RunInfo>} */
 const runs = new Map();
@@ -282,7 +284,7 @@ function send(message) {
 // not: unsubscribing would let frames already in flight arrive after a later
 // re-subscribe, and a frame cannot tell which subscription it answers.
 function subscribe(id) {
-  send({ type: "subscribe", run: id, after: state.lastSeq[id] ?? 0 });
+  send({ type: "subscribe", run: id, after: resumeAfter(state.lastSeq, id) });
 }
 
 // ---- history (REST) ---------------------------------------------------------
@@ -316,8 +318,8 @@ async function fetchMetrics(id, params) {
 /** Load a run's history once, then follow it live. */
 function ensureLoaded(id) {
   if (state.series[id] !== undefined || loading.has(id) || !runs.has(id)) return;
-  const started = performance.now();
-  const load = fetchMetrics(id, { points: pointsBudget() })
+  loading.add(id);
+  fetchMetrics(id, { points: pointsBudget() })
     .then(({ seq, series }) => {
       loading.delete(id);
       if (state.series[id] !== undefined) return;
@@ -325,7 +327,7 @@ function ensureLoaded(id) {
       state.lastSeq[id] = seq;
       subscribe(id);
       if (view.runs.includes(id)) {
-        pendingHistory.set(id, started);
+        pendingHistory.add(id);
         layoutCharts();
         markAllDirty();
         if (view.zoom !== null) requestZoomData();
@@ -336,10 +338,7 @@ function ensureLoaded(id) {
       console.warn(`trainwire: could not load run ${id}:`, err);
       // Retried when the socket (re)opens.
     });
-  loading.set(id, load);
 }
-/** Run id -> when its history load started, until its charts are first drawn. */
-const pendingHistory = new Map();
 
 // ---- messages -------------------------------------------------------------
 
@@ -970,7 +969,7 @@ function renderEmptyState() {
   if (view.runs.length === 0) {
     text = !runsReceived ? "Waiting for the server…" : runs.size === 0 ? "No runs yet." : "Select a run.";
   } else if (view.focus === null && charts.size === 0) {
-    text = view.runs.some((id) => loading.has(id)) || view.runs.some((id) => state.series[id] === undefined)
+    text = view.runs.some((id) => state.series[id] === undefined)
       ? "Loading…"
       : view.metrics
         ? "No metric matches the filter."
@@ -1014,10 +1013,9 @@ function render() {
   marks.renders += 1;
   const done = performance.now();
   marks.renderMs += done - started;
-  for (const [id, at] of pendingHistory) {
+  for (const id of pendingHistory) {
     if (!view.runs.includes(id)) continue;
     if ([...charts.values()].some((c) => c.visible && c.plot === null && dirty.has(c.key))) continue;
-    marks.historyDrawn[id] = done - at;
     marks.historyDrawnAt[id] = done;
     pendingHistory.delete(id);
   }

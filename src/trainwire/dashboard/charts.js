@@ -182,18 +182,6 @@ export function resumeAfter(lastSeq, run) {
 }
 
 /**
- * uPlot data for one series: `[steps, values]`, with non-finite values
- * replaced by null (uPlot draws a gap there; it cannot draw NaN/Infinity).
- * The steps array is the entry's own (uPlot does not modify data).
- *
- * @param {SeriesEntry} entry
- * @returns {[number[], (number|null)[]]}
- */
-export function toUPlotData(entry) {
-  return [entry.step, entry.value.map((v) => (Number.isFinite(v) ? v : null))];
-}
-
-/**
  * The last point of a series, for a "last value" label.
  *
  * @param {SeriesEntry} entry

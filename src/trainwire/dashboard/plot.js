@@ -59,7 +59,7 @@ function fitYAxis(u) {
 const valueTicks = (u, splits) => splits.map((v) => (v === null ? "" : formatValue(v)));
 
 /** Relative time ticks: seconds since the run started, as 0:42, 3:05, 1:02:03. */
-export function formatClock(seconds) {
+function formatClock(seconds) {
   const s = Math.max(0, Math.round(seconds));
   const h = Math.floor(s / 3600);
   const m = Math.floor((s % 3600) / 60);

@@ -3,9 +3,6 @@
 // (Sorting, picking and config flattening live in charts.js, where they were
 // first; this module holds what the run list and run page added.)
 
-/** The statuses a user can filter on. */
-export const STATUSES = Object.freeze(["running", "finished", "crashed"]);
-
 /**
  * The runs that match a search (every whitespace-separated word must occur,
  * case-insensitively, in the run's name, project, id or status) and, when

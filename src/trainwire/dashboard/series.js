@@ -262,23 +262,3 @@ export function stepRange(entry, mode, origin, min, max) {
   }
   return [lo, hi];
 }
-
-/**
- * The entry's points within steps `[start, end]`, as a new entry.
- *
- * @param {{step: number[], time: number[], value: number[], sampled?: boolean}} entry
- * @param {number} start
- * @param {number} end
- */
-export function sliceSteps(entry, start, end) {
-  const keep = [];
-  for (let i = 0; i < entry.step.length; i++) {
-    if (entry.step[i] >= start && entry.step[i] <= end) keep.push(i);
-  }
-  return {
-    step: keep.map((i) => entry.step[i]),
-    time: keep.map((i) => entry.time[i]),
-    value: keep.map((i) => entry.value[i]),
-    sampled: entry.sampled === true,
-  };
-}
