@@ -59,6 +59,8 @@ const STATUS_MS = 6000;
 const PALETTE = 8;
 /** A live view is compacted back to its budget once it holds this many times more. */
 const COMPACT_FACTOR = 2;
+/** Wait before fetching a run's history again after a failed fetch. */
+const HISTORY_RETRY_MS = 2000;
 
 // ---- state ----------------------------------------------------------------
 
@@ -336,7 +338,10 @@ function ensureLoaded(id) {
     .catch((err) => {
       loading.delete(id);
       console.warn(`trainwire: could not load run ${id}:`, err);
-      // Retried when the socket (re)opens.
+      // Retried in a while (a server busy or restarting), and when the socket reopens.
+      setTimeout(() => {
+        if (view.runs.includes(id)) ensureLoaded(id);
+      }, HISTORY_RETRY_MS);
     });
 }
 
