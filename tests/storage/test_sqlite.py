@@ -42,6 +42,16 @@ def test_a_file_from_a_newer_trainwire_is_refused(tmp_path: Path) -> None:
         SQLiteStore(tmp_path / "t.db")
 
 
+def test_a_file_at_the_current_version_missing_a_table_is_refused_at_open(
+    tmp_path: Path,
+) -> None:
+    SQLiteStore(tmp_path / "t.db").close()
+    with sqlite3.connect(tmp_path / "t.db") as db:
+        db.execute("DROP TABLE streams")
+    with pytest.raises(StorageError, match="lacks the table\\(s\\) streams"):
+        SQLiteStore(tmp_path / "t.db")
+
+
 def test_runs_and_points_survive_reopening(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "t.db")
     assert store.open_run(SPEC, "s", now=1.0) == 0

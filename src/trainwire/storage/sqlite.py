@@ -95,6 +95,9 @@ _MIGRATIONS: Final[list[str | Callable[[sqlite3.Connection], None]]] = [
     lambda db: _chunk_points(db),  # defined below
 ]
 
+# What every database of SCHEMA_VERSION holds, checked at open.
+_TABLES: Final = frozenset({"runs", "streams", "series", "chunks", "tokens"})
+
 _CHUNK_COLUMNS: Final = "seq_lo, seq_hi, n, step_lo, step_hi, vmin, vmax, steps, times, vals, seqs"
 _INSERT_CHUNK: Final = f"INSERT INTO chunks (series_id, {_CHUNK_COLUMNS}) VALUES ({'?, ' * 11}?)"
 _RUN_COLUMNS: Final = "id, project, name, status, created, updated, config, env"
@@ -157,6 +160,17 @@ class SQLiteStore:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+        # A file that claims the current version but lacks a table (written by a
+        # development build between releases) would fail every batch later, one
+        # traceback per trainer: refuse it now, once, saying what is wrong.
+        tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master")}
+        missing = sorted(_TABLES - tables)
+        if missing:
+            raise StorageError(
+                f"{self.path} says schema version {SCHEMA_VERSION} but lacks the table(s)"
+                f" {', '.join(missing)}: it was not written by a released trainwire;"
+                " move it aside to start afresh"
+            )
 
     # -- writes ---------------------------------------------------------------------
 
