@@ -12,7 +12,11 @@ same seed, so they do the same arithmetic. The runs alternate A, B, A, B, ... af
 one warm-up pair; the figure is median(B) / median(A) - 1 over the training loop's
 wall time (``init()`` and ``finish()`` are outside it and reported apart). The
 noise is the spread of the A runs, (max - min) / median: an overhead smaller than
-the noise cannot be told from it.
+the noise cannot be told from it. Beside it, a figure the drift does not blur: the
+share of each loop's wall time its thread spent off the CPU (``time.thread_time``
+against wall time), B minus A. That is the time the loop waited for the GIL while
+the sender held it, the mechanism of the slowdown: a floor of it, to which the
+``log()`` calls' own cost (``log_cost.py``) adds.
 
 Usage::
 
@@ -51,7 +55,8 @@ class Task:
         self.y = torch.tensor(digits.target, dtype=torch.long)
 
     def train(self, epochs: int, run: trainwire.Run | None) -> tuple[float, int]:
-        """Train for ``epochs``; returns (seconds in the loop, steps)."""
+        """Train for ``epochs``; returns (seconds in the loop, steps). The training
+        thread's own CPU time over the loop is left in ``self.cpu_s``."""
         torch.manual_seed(SEED)
         model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -59,6 +64,7 @@ class Task:
         order = torch.Generator().manual_seed(SEED)
         n = len(self.x)
         step = 0
+        cpu_started = time.thread_time()
         started = time.perf_counter()
         for _ in range(epochs):
             permutation = torch.randperm(n, generator=order)
@@ -76,7 +82,9 @@ class Task:
                     run.log({"train/loss": loss, "train/acc": acc, "lr": lr}, step=step)
                 step += 1
             schedule.step()
-        return time.perf_counter() - started, step
+        elapsed = time.perf_counter() - started
+        self.cpu_s = time.thread_time() - cpu_started
+        return elapsed, step
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,9 +115,16 @@ def main(argv: list[str] | None = None) -> int:
         with server:
             overheads: dict[str, list[float]] = {"init_s": [], "finish_s": [], "sender_cpu_s": []}
             delivered: list[bool] = []
+            # The share of each loop's wall time its thread spent off the CPU: waiting
+            # for the GIL (held by the sender) or for a core. A ratio within one run,
+            # so the machine's drift, which swamps a 1% difference between runs on a
+            # shared VM, cancels out of it.
+            off_cpu: dict[str, list[float]] = {"A": [], "B": []}
 
             def without() -> float:
-                return task.train(epochs, None)[0]
+                loop_s = task.train(epochs, None)[0]
+                off_cpu["A"].append(1 - task.cpu_s / loop_s)
+                return loop_s
 
             def with_trainwire() -> float:
                 t0 = time.perf_counter()
@@ -117,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                 t1 = time.perf_counter()
                 loop_s, _ = task.train(epochs, run)
                 t2 = time.perf_counter()
-                overheads["sender_cpu_s"].append(c.thread_cpu_seconds(run._sender.native_id))
+                off_cpu["B"].append(1 - task.cpu_s / loop_s)
+                overheads["sender_cpu_s"].append(c.thread_cpu_seconds(run._sender))
                 run.finish(timeout=60)
                 overheads["init_s"].append(t1 - t0)
                 overheads["finish_s"].append(time.perf_counter() - t2)
@@ -146,6 +162,13 @@ def main(argv: list[str] | None = None) -> int:
         f" differences {paired:+.2f}%; noise (spread of A) {noise:.2f}%,"
         f" spread of B {c.spread(b) * 100:.2f}%"
     )
+    waits = {k: c.median(v[-pairs:]) * 100 for k, v in off_cpu.items()}  # not the warm-up
+    wait_delta = waits["B"] - waits["A"]
+    print(
+        f"  training thread off CPU (waiting for the GIL or a core): A {waits['A']:.2f}%,"
+        f" B {waits['B']:.2f}% of its loop's wall time (medians): B - A = {wait_delta:+.2f}%,"
+        f" a floor of the slowdown that the machine's drift does not blur"
+    )
     sender_us = c.median(overheads["sender_cpu_s"]) / steps * 1e6
     rows_per_batch = steps * runs / batches if batches else float("nan")
     batches_per_s = batches / runs / c.median(b) if batches else float("nan")
@@ -166,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             "%",
             TARGET_PERCENT,
             note=f"noise (spread of {pairs} baseline runs) {noise:.2f}%;"
-            f" paired median {paired:+.2f}%; {per_step_us:+.1f} µs/step",
+            f" paired median {paired:+.2f}%; {per_step_us:+.1f} µs/step; training thread"
+            f" off CPU B - A {wait_delta:+.2f}%",
         )
     ]
     data: dict[str, Any] = {
@@ -180,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         "per_step_us": per_step_us,
         "baseline_step_us": c.median(a) / steps * 1e6,
         "sender_cpu_us_per_step": sender_us,
+        "off_cpu_percent": {k: [x * 100 for x in v] for k, v in off_cpu.items()},
+        "off_cpu_delta_percent": wait_delta,
         "rows_per_batch": rows_per_batch,
         "batches_per_s": batches_per_s,
         "init_s": overheads["init_s"],

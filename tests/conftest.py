@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,22 @@ SCREENSHOTS = Path(__file__).resolve().parents[1] / "build" / "screenshots"
 
 # Every timeout in the suite is a multiple of this, scaled for slow CI machines.
 MS = 0.001 * float(os.environ.get("TRAINWIRE_TESTS_TIMEOUT_FACTOR", "1"))
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 10 * MS) -> bool:
+    """Poll ``condition`` until it holds; False if ``timeout`` seconds pass first.
+
+    Only for states that send no event a test could wait on: another process
+    answering HTTP, rows another process writes, a thread's state. The interval
+    bounds the cost of polling and the deadline bounds the wait.
+    """
+    deadline = time.monotonic() + timeout
+    while not condition():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(interval, left))
+    return True
 
 
 @pytest.fixture(autouse=True)

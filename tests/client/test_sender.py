@@ -1,12 +1,18 @@
-"""The sender's flush pacing: fast loops are batched harder, slow ones keep their latency."""
+"""The sender's pacing: fast loops are batched harder, slow ones keep their latency, and
+an idle sender sleeps until log() wakes it."""
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 import pytest
+from tests.conftest import MS, LiveServer, wait_until
 
+import trainwire
+from trainwire.client import sender as sender_module
 from trainwire.client.sender import MAX_FLUSH_INTERVAL, STRETCH_RATE, Sender
+from trainwire.client.spool import SpillingOutbox
 from trainwire.protocol.messages import RunSpec
 from trainwire.protocol.session import ClientSession
 
@@ -32,3 +38,42 @@ def test_a_faster_loop_stretches_the_interval_in_proportion_up_to_the_cap() -> N
 def test_an_interval_chosen_above_the_cap_is_never_shortened() -> None:
     s = sender(0.5)
     assert s.interval_for(1000 * STRETCH_RATE) == 0.5
+
+
+def test_an_idle_sender_sleeps_until_log_wakes_it(
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Were log() not to wake it, the point below would wait out this minute.
+    monkeypatch.setattr(sender_module, "IDLE_WAIT", 60.0)
+    run = trainwire.init(url=live_server.url)
+    run.log({"x": 1.0}, step=0)
+    assert wait_until(lambda: run._sender.idle, 5000 * MS), "never went idle"
+    run.log({"x": 2.0}, step=1)
+    assert wait_until(lambda: len(_points(live_server, run.id)) == 2, 5000 * MS)
+    # close() wakes it too: finish() returns well inside its timeout, all delivered.
+    assert wait_until(lambda: run._sender.idle, 5000 * MS)
+    run.finish(timeout=10)
+    assert run.delivered
+    assert _points(live_server, run.id) == [1.0, 2.0]
+
+
+def test_an_idle_offline_run_is_woken_by_log_and_by_finish(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sender_module, "IDLE_WAIT", 60.0)
+    run = trainwire.init(mode="offline")
+    assert wait_until(lambda: run._sender.idle, 5000 * MS), "never went idle"
+    run.log({"x": 1.0}, step=0)
+    assert wait_until(lambda: run._sender.session.outbox.rows == 1, 5000 * MS)
+    started = time.monotonic()
+    run.finish(timeout=30)
+    assert time.monotonic() - started < 10  # not the minute of IDLE_WAIT
+    outbox = SpillingOutbox.open_existing(run.path)
+    items = outbox.items(1, 10)
+    outbox.close()
+    assert [type(item).__name__ for item in items] == ["Batch", "Finish"]
+
+
+def _points(server: LiveServer, run_id: str) -> list[float]:
+    series = server.store.metrics(run_id)[1]
+    return series["x"].value if "x" in series else []

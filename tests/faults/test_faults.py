@@ -33,7 +33,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 import trainwire
-from tests.conftest import MS, TOKEN, LiveServer
+from tests.conftest import MS, TOKEN, LiveServer, wait_until
 from tests.faults.proxy import FaultProxy
 from trainwire.storage import SQLiteStore
 
@@ -42,22 +42,6 @@ from trainwire.storage import SQLiteStore
 # Every server here, in a thread or a process, takes the suite's token; the trainers
 # find it in TRAINWIRE_TOKEN (tests/conftest.py), raw clients send this header.
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 10 * MS) -> bool:
-    """Poll ``condition`` until it holds; False if ``timeout`` seconds pass first.
-
-    Only for states that send no event this process could wait on: another process
-    answering HTTP, rows another process writes. The interval bounds the cost of
-    polling and the deadline bounds the wait; nothing else in this module sleeps.
-    """
-    deadline = time.monotonic() + timeout
-    while not condition():
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return False
-        time.sleep(min(interval, left))
-    return True
 
 
 def free_port() -> int:

@@ -155,6 +155,8 @@ class Run:
             # No lock: deque.append is atomic, and a missing step is filled in by the
             # sender in queue order, which is the order of the log() calls.
             self._queue.append((step, time.time(), dict(metrics)))
+            if self._sender.idle:  # asleep with nothing to do: one wake per idle spell
+                self._sender.wake()
         except Exception:  # the training loop's boundary: count, warn once, go on
             self._dropped_calls += 1
             if self._dropped_calls == 1:
@@ -164,6 +166,8 @@ class Run:
         # Their own queue: their steps (seconds) must not move the training's step count.
         if self.state is RunState.RUNNING:
             self._sender.system_queue.append((second, time.time(), values))
+            if self._sender.idle:
+                self._sender.wake()
 
     def finish(
         self, timeout: float = DEFAULT_FINISH_TIMEOUT, *, status: FinishStatus = "finished"
