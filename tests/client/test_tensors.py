@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import weakref
 from typing import Any
 
 import pytest
+from tests.conftest import LiveServer
 
-from trainwire.client.tensors import TensorResolver, is_tensor
+import trainwire
+from trainwire.client.tensors import TensorResolver, is_tensor, read_cpu_scalars
 
 torch = pytest.importorskip("torch")
 
@@ -45,3 +48,28 @@ def test_is_tensor_needs_no_torch_import() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_log_reads_one_number_cpu_tensors_at_once_and_keeps_no_reference() -> None:
+    weight = torch.ones(3, requires_grad=True)
+    loss = (weight * 2).sum()
+    alive = weakref.ref(loss)
+    values: dict[str, Any] = {"loss": loss, "n": torch.tensor(7), "acc": 0.5, "v": torch.ones(2)}
+    read_cpu_scalars(values)
+    assert values["loss"] == 6.0 and type(values["loss"]) is float
+    assert values["n"] == 7 and values["acc"] == 0.5
+    assert is_tensor(values["v"])  # not one number: left for the sender to refuse
+    del loss
+    assert alive() is None  # nothing logged keeps the tensor, or its graph, alive
+
+
+def test_cpu_tensors_logged_arrive_as_their_values(live_server: LiveServer) -> None:
+    run = trainwire.init(url=live_server.url)
+    weight = torch.ones(3, requires_grad=True)
+    for step in range(3):
+        run.log({"loss": (weight * step).sum(), "n": torch.tensor(step), "v": torch.ones(2)})
+    run.finish()
+    series = live_server.store.metrics(run.id)[1]
+    assert series["loss"].value == [0.0, 3.0, 6.0]
+    assert series["n"].value == [0.0, 1.0, 2.0]
+    assert "v" not in series and run._sender.dropped_values == 3

@@ -30,6 +30,7 @@ from trainwire.client.local import ensure_local_server, local_token
 from trainwire.client.sender import LoggedRow, Sender
 from trainwire.client.spool import SpillingOutbox, new_header
 from trainwire.client.system import SystemSampler
+from trainwire.client.tensors import read_cpu_scalars
 from trainwire.exceptions import ConfigError
 from trainwire.protocol.messages import FinishStatus, RunSpec
 from trainwire.protocol.session import ClientSession
@@ -132,7 +133,8 @@ class Run:
 
         Args:
             metrics: metric key -> value: Python numbers, numpy scalars, or 0-d
-                tensors on any device (converted off the training thread).
+                tensors on any device (a GPU's converted off the training thread,
+                without a sync; a CPU tensor's read at once, which waits for nothing).
             step: the step; if omitted, one more than the last step logged.
         """
         try:
@@ -154,7 +156,12 @@ class Run:
             # A copy: the caller may reuse and mutate its dict after log() returns.
             # No lock: deque.append is atomic, and a missing step is filled in by the
             # sender in queue order, which is the order of the log() calls.
-            self._queue.append((step, time.time(), dict(metrics)))
+            values = dict(metrics)
+            for value in values.values():
+                if type(value) is not float:  # rows of floats: one check each, no call
+                    read_cpu_scalars(values)  # CPU tensors: their numbers, read at once
+                    break
+            self._queue.append((step, time.time(), values))
             if self._sender.idle:  # asleep with nothing to do: one wake per idle spell
                 self._sender.wake()
         except Exception:  # the training loop's boundary: count, warn once, go on

@@ -2,11 +2,16 @@
 
 ``loss.item()`` on a GPU waits for every kernel queued before it: logging it each
 step serialises the CPU and the GPU. trainwire never calls it on the training
-thread. ``Run.log`` keeps a reference; the sender thread, once per flush (never
-once per step), stacks all the scalars logged since, per device and dtype, copies
-each stack to host memory with ``non_blocking=True`` (pinned, for CUDA), records
-one CUDA event, and hands the rows on only once ``event.query()`` says the copy is
-done. CPU tensors take the same path, without the event; the suite runs it.
+thread for a tensor on an accelerator. ``Run.log`` keeps a reference; the sender
+thread, once per flush (never once per step), stacks all the scalars logged since,
+per device and dtype, copies each stack to host memory with ``non_blocking=True``
+(pinned, for CUDA), records one CUDA event, and hands the rows on only once
+``event.query()`` says the copy is done. CPU tensors can take the same path,
+without the event (the suite runs it), but ``Run.log`` reads them at once instead
+(:func:`read_cpu_scalars`): a CPU value is already computed, so ``.item()`` waits
+for nothing and costs the loop about 0.35 µs, far less than what the sender paid
+for the tensor later under the GIL (grouping, stacking, and freeing the autograd
+graph the reference kept alive: about 10 µs a value, measured on a 2-vCPU VM).
 
 torch is never imported here: a tensor is recognised by its methods, and torch is
 taken from ``sys.modules``, where the user's own import put it.
@@ -23,7 +28,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["TensorResolver", "is_tensor"]
+__all__ = ["TensorResolver", "is_tensor", "read_cpu_scalars"]
 
 Row = tuple[int, float, dict[str, Any]]
 
@@ -33,6 +38,23 @@ def is_tensor(value: Any) -> bool:
     return (
         type(value).__module__ == "torch" and hasattr(value, "detach") and hasattr(value, "device")
     )
+
+
+def read_cpu_scalars(values: dict[Any, Any]) -> None:
+    """Replace, in place, each one-number CPU tensor in ``values`` by its number.
+
+    Runs on the training thread, in ``log()``: Python numbers cost one type check;
+    a tensor on any other device, or one ``.item()`` refuses, is left for the sender.
+    """
+    for key, value in values.items():
+        kind = type(value)
+        if kind is float or kind is int:
+            continue
+        if kind.__name__ == "Tensor" and kind.__module__ == "torch" and value.is_cpu:
+            try:
+                values[key] = value.item()  # never a sync: a CPU value is computed
+            except Exception:  # noqa: BLE001 - not one number: the sender refuses it
+                continue
 
 
 @dataclass
