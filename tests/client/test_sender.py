@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import MS, LiveServer, wait_until
 
 import trainwire
-from trainwire.client import sender as sender_module
+from trainwire.client import sender as sender_module, tensors as tensors_module
 from trainwire.client.sender import MAX_FLUSH_INTERVAL, STRETCH_RATE, Sender
 from trainwire.client.spool import SpillingOutbox
 from trainwire.protocol.messages import RunSpec
@@ -77,3 +77,21 @@ def test_an_idle_offline_run_is_woken_by_log_and_by_finish(
 def _points(server: LiveServer, run_id: str) -> list[float]:
     series = server.store.metrics(run_id)[1]
     return series["x"].value if "x" in series else []
+
+
+def test_rows_logged_behind_a_value_still_being_copied_wait_for_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch = pytest.importorskip("torch")
+    copied = False  # stands for a GPU copy's event: done once this is True
+    monkeypatch.setattr(tensors_module._Pending, "ready", lambda pending: copied)
+    s = sender(0.02)
+    s.queue.append((0, 1.0, {"loss": torch.tensor(0.5)}))
+    s._drain()
+    s.queue.append((1, 2.0, {"loss": 0.25}))  # plain floats: they still queue behind
+    s._drain()
+    assert s.session.outbox.items(1, 10) == []
+    copied = True
+    s._drain()
+    [batch] = s.session.outbox.items(1, 10)
+    assert batch.rows == [(0, 1.0, {"loss": 0.5}), (1, 2.0, {"loss": 0.25})]

@@ -330,6 +330,10 @@ class Sender(threading.Thread):
         # log() returned, so once it is seen, every row of the run is in the queue.
         closing = self._closing.is_set()
         logged: list[LoggedRow] = []
+        # True while every row has str keys and float values, as log() leaves a row of
+        # Python floats and CPU tensors: such rows need no conversion and go as they
+        # are, in one pass. This loop holds the GIL the training thread wants.
+        plain = True
         while self.queue:
             step, at, metrics = self.queue.popleft()
             # "One more than the last step logged", in the order of the log() calls.
@@ -346,15 +350,32 @@ class Sender(threading.Thread):
                     continue
             self._last_step = step
             logged.append((step, at, metrics))
+            if plain:
+                for key, raw in metrics.items():
+                    if type(raw) is not float or type(key) is not str:
+                        plain = False
+                        break
         taken = len(logged)
         while self.system_queue:
             logged.append(self.system_queue.popleft())
+            plain = False  # rare (once a second): the general path checks them
+        if plain and not self.tensors.waiting:
+            self._add(logged)  # type: ignore[arg-type]
+        else:
+            self._convert(logged, closing)
+        if closing and self._finish_status is not None:
+            self.session.finish(self._finish_status)
+        self._cut()
+        return taken
+
+    def _convert(self, logged: list[LoggedRow], closing: bool) -> None:
+        """Rows with tensors or other values to convert, in order, through the
+        tensor resolver (GPU values once their copies are done)."""
         if logged:
             self.tensors.submit(logged)  # type: ignore[arg-type]
         rows: list[Row] = []
         for step, at, metrics in self.tensors.ready(wait=closing):
-            # The common row, str keys and float values, goes as it is: log() made
-            # this dict for us. This loop holds the GIL the training thread wants.
+            # A row of str keys and float values goes as it is: log() made this dict.
             for key, raw in metrics.items():
                 if type(raw) is not float or type(key) is not str:
                     break
@@ -376,15 +397,14 @@ class Sender(threading.Thread):
                 values[str(key)] = value
             if values:
                 rows.append((step, at, values))
+        self._add(rows)
+
+    def _add(self, rows: list[Row]) -> None:
         if rows:
             if self.session.finishing:
                 self.dropped_rows += len(rows)  # logged by another thread during finish()
             else:
                 self.session.add_rows(rows)
-        if closing and self._finish_status is not None:
-            self.session.finish(self._finish_status)
-        self._cut()
-        return taken
 
     def _cut(self) -> None:
         outbox = self.session.outbox
