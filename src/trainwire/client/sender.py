@@ -241,6 +241,11 @@ class Sender(threading.Thread):
             close_timeout=CLOSE_TIMEOUT,
             logger=_transport_log,
             max_size=None,
+            # No flow control on what the server sends: acks are read every
+            # ACK_READ_INTERVAL, and a paused reader would leave the server's pings
+            # and close frame unanswered meanwhile. Bounded anyway: the server only
+            # acks batches sent, at most the session's window of them unacked.
+            max_queue=None,
             compression=None,
         ) as ws:
             self._pump(ws)
