@@ -89,6 +89,21 @@ class TensorBoard(Method):
         self.dir.cleanup()
 
 
+def _split_done(
+    copies: list[tuple[torch.Tensor, Any]],
+) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, Any]]]:
+    """(hosts whose copy is done, copies still pending): each event queried once, so
+    an event that completes meanwhile is in one list, never in both or neither."""
+    done: list[torch.Tensor] = []
+    pending: list[tuple[torch.Tensor, Any]] = []
+    for host, event in copies:
+        if event is None or event.query():
+            done.append(host)
+        else:
+            pending.append((host, event))
+    return done, pending
+
+
 class PinnedEvent(Method):
     name = "fresh pinned + async copy + event, reader thread"
 
@@ -111,8 +126,7 @@ class PinnedEvent(Method):
     def read(self) -> None:
         while not self.done.is_set():
             with self.lock:
-                ready = [h for h, e in self.queue if e is None or e.query()]
-                self.queue = [(h, e) for h, e in self.queue if not (e is None or e.query())]
+                ready, self.queue = _split_done(self.queue)
             self.values = [h.item() for h in ready]
             self.done.wait(0.001)
 
@@ -148,8 +162,7 @@ class DeviceRing(Method):
     def read(self) -> None:
         while not self.done.is_set():
             with self.lock:
-                ready = [h for h, e in self.copies if e is None or e.query()]
-                self.copies = [(h, e) for h, e in self.copies if not (e is None or e.query())]
+                ready, self.copies = _split_done(self.copies)
             self.values = [h.tolist() for h in ready]
             self.done.wait(0.05)
 

@@ -355,11 +355,7 @@ class Sender(threading.Thread):
                     continue
             self._last_step = step
             logged.append((step, at, metrics))
-            if plain:
-                for key, raw in metrics.items():
-                    if type(raw) is not float or type(key) is not str:
-                        plain = False
-                        break
+            plain = plain and _is_plain(metrics)
         taken = len(logged)
         while self.system_queue:
             logged.append(self.system_queue.popleft())
@@ -380,11 +376,7 @@ class Sender(threading.Thread):
             self.tensors.submit(logged)  # type: ignore[arg-type]
         rows: list[Row] = []
         for step, at, metrics in self.tensors.ready(wait=closing):
-            # A row of str keys and float values goes as it is: log() made this dict.
-            for key, raw in metrics.items():
-                if type(raw) is not float or type(key) is not str:
-                    break
-            else:
+            if _is_plain(metrics):  # goes as it is: log() made this dict
                 rows.append((step, at, metrics))
                 continue
             values: dict[str, float] = {}
@@ -449,3 +441,11 @@ class Sender(threading.Thread):
         if topic not in self._warned:
             self._warned.add(topic)
             logger.warning(message, *args)
+
+
+def _is_plain(metrics: dict[Any, Any]) -> bool:
+    """str keys and float values only: a row that needs no conversion."""
+    for key, raw in metrics.items():
+        if type(raw) is not float or type(key) is not str:
+            return False
+    return True

@@ -50,7 +50,7 @@ def read_cpu_scalars(values: dict[Any, Any]) -> None:
         kind = type(value)
         if kind is float or kind is int:
             continue
-        if kind.__name__ == "Tensor" and kind.__module__ == "torch" and value.is_cpu:
+        if is_tensor(value) and value.is_cpu:
             try:
                 values[key] = value.item()  # never a sync: a CPU value is computed
             except Exception:  # noqa: BLE001 - not one number: the sender refuses it
