@@ -155,17 +155,20 @@ def test_a_trainer_killed_9_leaves_its_run_crashed_with_every_acked_point(
             trainer = subprocess.Popen(
                 [sys.executable, "-c", TRAINER, server.url], stdout=subprocess.PIPE, text=True
             )
-            assert trainer.stdout is not None
-            run_id = trainer.stdout.readline().strip()
-            dash.send(json.dumps({"type": "subscribe", "run": run_id, "after": 0}))
-            # Wait until points flow, then kill the trainer without warning.
-            while True:
-                frame = json.loads(dash.recv(10_000 * MS))
-                if frame["type"] == "points" and frame["series"]:
-                    break
-            trainer.kill()
-            trainer.wait()
-            trainer.stdout.close()
+            try:
+                assert trainer.stdout is not None
+                run_id = trainer.stdout.readline().strip()
+                dash.send(json.dumps({"type": "subscribe", "run": run_id, "after": 0}))
+                # Wait until points flow, then kill the trainer without warning.
+                while True:
+                    frame = json.loads(dash.recv(10_000 * MS))
+                    if frame["type"] == "points" and frame["series"]:
+                        break
+            finally:  # also when the test fails: a leaked trainer spins forever
+                trainer.kill()
+                trainer.wait()
+                if trainer.stdout is not None:
+                    trainer.stdout.close()
             while True:
                 frame = json.loads(dash.recv(10_000 * MS))
                 if frame["type"] == "run" and frame["run"]["status"] == "crashed":
