@@ -416,9 +416,9 @@ def test_cut_stall_and_blackhole_lose_nothing_and_never_block_log(
 
 
 # docs/protocol.md and sender.py: a dead connection is given up within PING_INTERVAL +
-# PING_TIMEOUT + CLOSE_TIMEOUT (2 + 3 + 1 s) and replaced. One second of slack on top,
-# for scheduling.
-DOCUMENTED_REPLACEMENT = (2000 + 3000 + 1000 + 1000) * MS
+# PING_TIMEOUT (2 + 3 s) and replaced at once. One second of slack on top, for
+# scheduling and the reconnect.
+DOCUMENTED_REPLACEMENT = (2000 + 3000 + 1000) * MS
 
 
 def test_a_dead_connection_is_replaced_within_the_documented_time_and_quietly(

@@ -1,9 +1,9 @@
 """The background thread that moves logged rows to the server (or to a file).
 
 A thin shell around :class:`~trainwire.protocol.session.ClientSession`: it drains
-the run's queue, pumps the session, and talks to the server with the
-``websockets`` sync client. All I/O of a run happens here, never on the training
-thread.
+the run's queue, pumps the session, and talks to the server over a
+:class:`~trainwire.client.link.Link`. All I/O of a run happens here, on this one
+thread, never on the training thread.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from collections import deque
 from typing import Any, Final
 
 from websockets.exceptions import ConnectionClosedError, InvalidStatus, WebSocketException
-from websockets.sync.client import ClientConnection, connect
 
+from trainwire.client.link import Link
 from trainwire.client.spool import SpillingOutbox
 from trainwire.client.tensors import TensorResolver
 from trainwire.client.values import to_float
@@ -38,18 +38,18 @@ LoggedRow = tuple[int | None, float, dict[str, Any]]
 
 _OPEN_TIMEOUT: Final = 5.0
 # A connection that stops answering (a cable pulled, a NAT entry gone, a blackholing
-# firewall) is given up within PING_INTERVAL + PING_TIMEOUT + CLOSE_TIMEOUT seconds
-# (6 s) and replaced: a dead link cannot complete a closing handshake, so waiting
-# long for one only delays the reconnect.
+# firewall) is given up within PING_INTERVAL + PING_TIMEOUT seconds (5 s) and
+# replaced at once: a dead link cannot complete a closing handshake, so it gets none.
 PING_INTERVAL: Final = 2.0
 # A loop logging faster than this many rows a second stretches the flush interval in
-# proportion, up to MAX_FLUSH_INTERVAL: at 1,000 steps/s a flush every 20 ms costs
-# the training thread a few percent (each flush wakes two threads, and a wake-up
-# alone is about 0.1 ms of CPU on a VM, all of it holding the GIL the loop wants),
-# while nobody sees 80 ms of lag on a curve that gains a thousand points a second.
-# At or under this rate (100 steps/s, the latency benchmark's) nothing changes.
-STRETCH_RATE: Final = 250.0
-MAX_FLUSH_INTERVAL: Final = 0.1
+# proportion, up to MAX_FLUSH_INTERVAL (500 rows/s: 80 ms; 1,563 and more: 0.25 s).
+# Each flush costs a fixed amount of CPU under the GIL the loop wants (the wake-up,
+# the send; about 0.35 ms cold on a VM), so at 1,000 steps/s a flush every 20 ms
+# costs the training thread a few percent, and one every 0.1 s still 0.3%; while
+# nobody sees 0.25 s of lag on a curve that gains a thousand points a second. At or
+# under this rate (100 steps/s, the latency benchmark's) nothing changes.
+STRETCH_RATE: Final = 125.0
+MAX_FLUSH_INTERVAL: Final = 0.25
 PING_TIMEOUT: Final = 3.0
 # An idle sender (a whole flush interval with nothing logged, no GPU copy pending)
 # sleeps until log() wakes it, at most this long: a run that logs rarely, or is
@@ -57,9 +57,10 @@ PING_TIMEOUT: Final = 3.0
 # 0.3 ms on a VM (measured: an idle run woken 50 times a second slowed a CPU loop by
 # about 1.5%).
 IDLE_WAIT: Final = 1.0
-# How often acks are read when nothing waits for them: each read is two calls into
-# websockets (about 80 µs of CPU on a VM), and unread acks only sit in its queue.
+# How often acks are read when nothing waits for them: each read costs CPU and the
+# GIL, and unread acks only sit in the socket's buffer.
 ACK_READ_INTERVAL: Final = 0.5
+# The longest a live connection waits for the server's answer to its close frame.
 CLOSE_TIMEOUT: Final = 1.0
 
 
@@ -231,26 +232,22 @@ class Sender(threading.Thread):
 
     def _connect_and_pump(self, url: str) -> None:
         self._drain()
-        with connect(
+        link = Link.open(
             url,
-            additional_headers=self.headers,
-            ssl=tls_context() if url.startswith("wss:") else None,
+            self.headers,
+            ssl_context=tls_context() if url.startswith("wss:") else None,
             open_timeout=_OPEN_TIMEOUT,
             ping_interval=PING_INTERVAL,
             ping_timeout=PING_TIMEOUT,
             close_timeout=CLOSE_TIMEOUT,
             logger=_transport_log,
-            max_size=None,
-            # No flow control on what the server sends: acks are read every
-            # ACK_READ_INTERVAL, and a paused reader would leave the server's pings
-            # and close frame unanswered meanwhile. Bounded anyway: the server only
-            # acks batches sent, at most the session's window of them unacked.
-            max_queue=None,
-            compression=None,
-        ) as ws:
-            self._pump(ws)
+        )
+        try:
+            self._pump(link)
+        finally:
+            link.close()
 
-    def _pump(self, ws: ClientConnection) -> None:
+    def _pump(self, ws: Link) -> None:
         ws.send(self.session.connection_made())
         next_flush = last_drain = next_ack_read = time.monotonic()
         while True:
@@ -272,8 +269,10 @@ class Sender(threading.Thread):
             # the run's end), acks are read without waiting, every ACK_READ_INTERVAL,
             # and the sender sleeps until the next flush rather than wake for each:
             # a wake-up costs CPU and the GIL (about 0.1 ms on a VM).
+            ws.keepalive()
+            wake_at = min(next_flush, ws.next_deadline())
             if self.session.awaiting_server or self._closing.is_set():
-                self._receive(ws, max(0.0, next_flush - time.monotonic()))
+                self._receive(ws, max(0.0, wake_at - time.monotonic()))
                 continue
             if now >= next_ack_read:
                 self._receive(ws, 0.0)
@@ -281,21 +280,22 @@ class Sender(threading.Thread):
             if idle and self._nothing_to_do():
                 # Woken by a row, it is sent at the next flush time, or at once if
                 # that has passed: the pacing of a busy loop is unchanged.
-                self._sleep_until_logged()
+                self._sleep_until_logged(ws.next_deadline() - time.monotonic())
             else:
-                self._wait(next_flush - time.monotonic())
+                self._wait(wake_at - time.monotonic())
 
     def _nothing_to_do(self) -> bool:
         return not (self.queue or self.system_queue or self.tensors.waiting)
 
-    def _sleep_until_logged(self) -> None:
-        """Sleep until log() queues a row (or close()), at most IDLE_WAIT."""
+    def _sleep_until_logged(self, most: float = IDLE_WAIT) -> None:
+        """Sleep until log() queues a row (or close()), at most IDLE_WAIT (or
+        ``most``: the connection's next keepalive)."""
         self._wake.clear()
         self.idle = True
         # Checked after idle is set: a row queued before log() could see the flag
         # is found here, one queued after it gets its wake-up. (Both: a spare wake.)
         if self._nothing_to_do() and not self._closing.is_set():
-            self._wake.wait(IDLE_WAIT)
+            self._wake.wait(max(0.0, min(IDLE_WAIT, most)))
         self.idle = False
         if not self._closing.is_set():
             self._wake.clear()
@@ -307,18 +307,13 @@ class Sender(threading.Thread):
             # woke on its own: spent, so that the next wait sleeps again.
             self._wake.clear()
 
-    def _receive(self, ws: ClientConnection, timeout: float) -> None:
+    def _receive(self, ws: Link, timeout: float) -> None:
         """Apply every server frame that arrives within ``timeout`` (0: those here)."""
-        while True:
-            try:
-                data = ws.recv(timeout=timeout)
-            except TimeoutError:
-                return
+        for data in ws.receive(timeout):
             if isinstance(data, str):
                 raise ProtocolError("server sent a text frame")
             self.session.receive_frame(data)
             self._backoff.reset()
-            timeout = 0.0  # the first frame ends the wait; take the rest already here
 
     def interval_for(self, rate: float) -> float:
         """The wait before the next flush, for a loop logging ``rate`` rows a second:

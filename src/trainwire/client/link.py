@@ -1,0 +1,287 @@
+"""The sender's WebSocket connection: websockets' sans-I/O protocol on a plain socket,
+driven by the sender thread alone.
+
+Why not ``websockets.sync.client``: it runs a thread of its own that wakes for every
+frame the server sends (an ack per batch, and pings), and a keepalive thread beside
+it. Each wake-up holds the GIL the training loop wants, for about 0.2 ms on a VM:
+about a third of the CPU that logging every step cost a fast loop. Here nothing runs
+between the sender's own wake-ups: acks wait in the kernel's socket buffer until the
+sender reads them, and the keepalive pings are timed by the sender's waits
+(:meth:`Link.next_deadline`).
+
+Decisions:
+- Connects directly, ignoring ``HTTP(S)_PROXY``: a trainwire server sits on the
+  training network, where a proxy meant for the internet would only be in the way.
+- A link found dead (no pong in time, a send that cannot progress) is dropped at once,
+  without a closing handshake that a dead link cannot complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import socket
+import ssl
+import time
+from collections.abc import Mapping
+from typing import Final
+
+from websockets.client import ClientProtocol
+from websockets.exceptions import ConnectionClosedError, InvalidState
+from websockets.frames import Frame, Opcode
+from websockets.http11 import USER_AGENT
+from websockets.protocol import State
+from websockets.uri import parse_uri
+
+__all__ = ["Link", "LinkTimeout"]
+
+_READ_SIZE: Final = 1 << 16
+
+
+class LinkTimeout(TimeoutError):
+    """The server did not answer in time: the link is dead, or as good as."""
+
+
+class Link:
+    """One open WebSocket connection to the server. Not thread-safe: one thread
+    (the sender) calls every method.
+
+    Args:
+        sock: connected, TLS already on for ``wss``; its timeout bounds every send.
+        protocol: websockets' state machine, its opening handshake done.
+        ping_interval: a ping goes out this long after the last pong.
+        ping_timeout: a pong later than this after its ping means a dead link.
+        close_timeout: the longest :meth:`close` waits for the server's close frame.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        protocol: ClientProtocol,
+        *,
+        ping_interval: float,
+        ping_timeout: float,
+        close_timeout: float,
+    ) -> None:
+        self._sock = sock
+        self._protocol = protocol
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(sock, selectors.EVENT_READ)
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.close_timeout = close_timeout
+        self._messages: list[bytes | str] = []
+        self._fragments: list[Frame] = []
+        self._ping_sent_at: float | None = None  # awaiting its pong since then
+        self._next_ping = time.monotonic() + ping_interval
+        self._dead = False
+
+    @classmethod
+    def open(
+        cls,
+        url: str,
+        headers: Mapping[str, str],
+        *,
+        ssl_context: ssl.SSLContext | None,
+        open_timeout: float,
+        ping_interval: float,
+        ping_timeout: float,
+        close_timeout: float,
+        logger: logging.Logger | logging.LoggerAdapter,  # type: ignore[type-arg]
+    ) -> Link:
+        """Connect and complete the opening handshake within ``open_timeout`` seconds.
+
+        Raises:
+            websockets.exceptions.InvalidStatus: the server refused the upgrade (a 403).
+            OSError, TimeoutError: the server cannot be reached, or does not answer.
+        """
+        deadline = time.monotonic() + open_timeout
+        uri = parse_uri(url)
+        sock = socket.create_connection((uri.host, uri.port), timeout=open_timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+            if uri.secure:
+                context = ssl_context or ssl.create_default_context()
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                sock = context.wrap_socket(sock, server_hostname=uri.host)
+            # Sends that make no progress for PING_TIMEOUT mean a dead link too.
+            sock.settimeout(ping_timeout)
+            protocol = ClientProtocol(uri, max_size=None, logger=logger)
+            request = protocol.connect()
+            request.headers.update(headers)
+            request.headers.setdefault("User-Agent", USER_AGENT)
+            protocol.send_request(request)
+            link = cls(
+                sock,
+                protocol,
+                ping_interval=ping_interval,
+                ping_timeout=ping_timeout,
+                close_timeout=close_timeout,
+            )
+            link._flush()
+            link._handshake(deadline)
+            return link
+        except BaseException:
+            sock.close()
+            raise
+
+    def _handshake(self, deadline: float) -> None:
+        # _read hands the response to the protocol, which opens or records why not.
+        while self._protocol.state is State.CONNECTING:
+            if self._protocol.handshake_exc is not None:
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LinkTimeout("timed out waiting for the server's handshake response")
+            try:
+                self._read(left)
+            except ConnectionClosedError:
+                if self._protocol.state is State.CONNECTING or self._protocol.handshake_exc:
+                    raise
+                # Opened, then closed at once (a refusal after the upgrade): the
+                # sender's first receive() or send() reports it, with its code.
+        if self._protocol.handshake_exc is not None:
+            raise self._protocol.handshake_exc
+
+    # -- the sender's calls -------------------------------------------------------
+
+    def send(self, message: bytes) -> None:
+        """Send one binary message.
+
+        Raises:
+            ConnectionClosedError: the server closed the connection (its code says why).
+            TimeoutError: the send made no progress for ``ping_timeout``: a dead link.
+        """
+        try:
+            self._protocol.send_binary(message)
+        except InvalidState:
+            self._read(0.0)  # the server's close frame, if it is here, says why
+            raise self._closed() from None
+        self._flush()
+
+    def receive(self, timeout: float) -> list[bytes | str]:
+        """Messages that arrive within ``timeout`` seconds (0: those already here), as
+        bytes (text messages as str); answers the server's pings and takes the pongs
+        to ours on the way.
+
+        Raises:
+            ConnectionClosedError: the server closed the connection.
+        """
+        if self._protocol.close_rcvd is not None:
+            raise self._closed()
+        deadline = time.monotonic() + timeout
+        while not self._messages:
+            left = deadline - time.monotonic()
+            if not self._read(max(left, 0.0)) or left <= 0:
+                break
+        messages, self._messages = self._messages, []
+        return messages
+
+    def keepalive(self) -> None:
+        """Send the ping that is due; a pong overdue means the link is dead.
+
+        Call at each wake-up; :meth:`next_deadline` says when the next is due.
+
+        Raises:
+            LinkTimeout: no pong within ``ping_timeout`` of its ping.
+        """
+        now = time.monotonic()
+        if self._ping_sent_at is not None:
+            if now - self._ping_sent_at < self.ping_timeout:
+                return
+            self._read(0.0)  # the pong may be in the socket's buffer, unread
+            if self._ping_sent_at is not None:
+                self._dead = True
+                raise LinkTimeout(f"no pong within {self.ping_timeout:g} s: the link is dead")
+        elif now >= self._next_ping:
+            self._ping_sent_at = now
+            self._protocol.send_ping(b"")
+            self._flush()
+
+    def next_deadline(self) -> float:
+        """When :meth:`keepalive` next has something to do (a ``time.monotonic``)."""
+        if self._ping_sent_at is not None:
+            return self._ping_sent_at + self.ping_timeout
+        return self._next_ping
+
+    def close(self) -> None:
+        """Close: the closing handshake if the link is alive (within ``close_timeout``),
+        then the socket. Never raises."""
+        try:
+            if not self._dead and self._protocol.state is State.OPEN:
+                self._protocol.send_close()
+                self._flush()
+                deadline = time.monotonic() + self.close_timeout
+                while (left := deadline - time.monotonic()) > 0 and self._read(left):
+                    pass  # until the server's close frame, which _read raises as closed
+        except (OSError, ConnectionClosedError):
+            pass  # closing anyway
+        finally:
+            self._selector.close()
+            self._sock.close()
+
+    # -- I/O ------------------------------------------------------------------------
+
+    def _read(self, timeout: float) -> bool:
+        """Feed what arrives within ``timeout`` to the protocol and act on its events.
+
+        Returns:
+            False if nothing arrived.
+
+        Raises:
+            ConnectionClosedError: the connection is closed (a close frame or EOF).
+        """
+        if not self._buffered() and not self._selector.select(timeout):
+            return False
+        try:
+            data = self._sock.recv(_READ_SIZE)
+        except ssl.SSLWantReadError:  # part of a TLS record: the rest comes later
+            return False
+        if data:
+            self._protocol.receive_data(data)
+        else:
+            self._protocol.receive_eof()
+        for event in self._protocol.events_received():
+            self._take(event)
+        self._flush()  # pongs to the server's pings, the reply to its close frame
+        if self._protocol.close_rcvd is not None or self._protocol.state is State.CLOSED:
+            raise self._closed()
+        return True
+
+    def _buffered(self) -> bool:
+        # Decrypted bytes the kernel no longer shows as readable.
+        return isinstance(self._sock, ssl.SSLSocket) and self._sock.pending() > 0
+
+    def _take(self, event: object) -> None:
+        if not isinstance(event, Frame):
+            return  # the handshake's response: the protocol's state tells
+        if event.opcode is Opcode.PONG:
+            if self._ping_sent_at is not None:
+                self._ping_sent_at = None
+                self._next_ping = time.monotonic() + self.ping_interval
+        elif event.opcode in (Opcode.BINARY, Opcode.TEXT, Opcode.CONT):
+            self._fragments.append(event)
+            if event.fin:  # a whole message: its first frame's opcode says its kind
+                first, data = self._fragments[0], b"".join(f.data for f in self._fragments)
+                self._fragments = []
+                self._messages.append(data.decode() if first.opcode is Opcode.TEXT else data)
+
+    def _flush(self) -> None:
+        for data in self._protocol.data_to_send():
+            if data:
+                try:
+                    self._sock.sendall(data)  # within the socket's timeout, in all
+                except TimeoutError:
+                    self._dead = True
+                    raise LinkTimeout("a send made no progress: the link is dead") from None
+            else:  # websockets' "half-close now"
+                try:
+                    self._sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+
+    def _closed(self) -> ConnectionClosedError:
+        protocol = self._protocol
+        return ConnectionClosedError(
+            protocol.close_rcvd, protocol.close_sent, protocol.close_rcvd_then_sent
+        )

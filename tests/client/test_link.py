@@ -1,0 +1,203 @@
+"""The sender's connection (``trainwire.client.link``) against real sockets.
+
+The servers here are websockets' own sans-I/O server protocol on a socket, run by
+hand, so that each test can make the server do what a real one rarely does on cue:
+fragment a message, ping, close with a code, or go silent.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+from tests.conftest import MS
+from websockets.exceptions import ConnectionClosedError, InvalidStatus
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request
+from websockets.server import ServerProtocol
+
+from trainwire.client.link import Link, LinkTimeout
+
+Script = Callable[[socket.socket, ServerProtocol], None]
+
+
+def _send(conn: socket.socket, protocol: ServerProtocol) -> None:
+    for data in protocol.data_to_send():
+        if data:
+            conn.sendall(data)
+
+
+def _events(conn: socket.socket, protocol: ServerProtocol) -> list[object]:
+    """The events of the next bytes the client sends (blocking)."""
+    data = conn.recv(1 << 16)
+    if data:
+        protocol.receive_data(data)
+    else:
+        protocol.receive_eof()
+    _send(conn, protocol)
+    return protocol.events_received()
+
+
+@contextmanager
+def server(script: Script, *, status: int | None = None) -> Iterator[str]:
+    """A one-connection WebSocket server on port 0 that accepts (or answers
+    ``status``), then runs ``script``; yields its ws:// URL."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    errors: list[BaseException] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        conn.settimeout(5000 * MS)
+        with conn:
+            try:
+                protocol = ServerProtocol()
+                request = None
+                while request is None:
+                    request = next(
+                        (e for e in _events(conn, protocol) if isinstance(e, Request)), None
+                    )
+                response = protocol.accept(request)
+                if status is not None:
+                    response = protocol.reject(status, "refused\n")
+                protocol.send_response(response)
+                _send(conn, protocol)
+                if status is None:
+                    script(conn, protocol)
+            except BaseException as exc:  # reported by the test, not lost in this thread
+                errors.append(exc)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"ws://127.0.0.1:{listener.getsockname()[1]}/ws/ingest"
+        thread.join(5000 * MS)
+        assert not errors, errors
+    finally:
+        listener.close()
+
+
+def open_link(url: str, *, ping_interval: float = 10.0, ping_timeout: float = 5.0) -> Link:
+    return Link.open(
+        url,
+        {"Authorization": "Bearer t"},
+        ssl_context=None,
+        open_timeout=5000 * MS,
+        ping_interval=ping_interval,
+        ping_timeout=ping_timeout,
+        close_timeout=1000 * MS,
+        logger=logging.getLogger("test.link"),
+    )
+
+
+def test_messages_go_both_ways_and_fragments_arrive_as_one_message() -> None:
+    got: list[bytes] = []
+
+    def echo_in_fragments(conn: socket.socket, protocol: ServerProtocol) -> None:
+        while not got:
+            for event in _events(conn, protocol):
+                if isinstance(event, Frame) and event.opcode is Opcode.BINARY:
+                    got.append(bytes(event.data))
+        protocol.send_binary(got[0][:3], fin=False)
+        protocol.send_continuation(got[0][3:], fin=True)
+        _send(conn, protocol)
+        _events(conn, protocol)  # the client's close
+
+    with server(echo_in_fragments) as url:
+        link = open_link(url)
+        link.send(b"hello, server")
+        assert link.receive(5000 * MS) == [b"hello, server"]
+        assert link.receive(0.0) == []  # nothing more, and no wait for it
+        link.close()
+    assert got == [b"hello, server"]
+
+
+def test_the_server_s_ping_is_answered_while_reading() -> None:
+    pongs: list[bytes] = []
+
+    def ping(conn: socket.socket, protocol: ServerProtocol) -> None:
+        protocol.send_ping(b"are you there")
+        protocol.send_binary(b"after the ping")
+        _send(conn, protocol)
+        while not pongs:
+            pongs.extend(
+                bytes(e.data)
+                for e in _events(conn, protocol)
+                if isinstance(e, Frame) and e.opcode is Opcode.PONG
+            )
+
+    with server(ping) as url:
+        link = open_link(url)
+        assert link.receive(5000 * MS) == [b"after the ping"]
+        link.close()
+    assert pongs == [b"are you there"]
+
+
+def test_a_close_frame_surfaces_with_the_server_s_code_and_reason() -> None:
+    def refuse(conn: socket.socket, protocol: ServerProtocol) -> None:
+        protocol.send_close(4401, "bad token")
+        _send(conn, protocol)
+        _events(conn, protocol)  # the client's answering close frame
+
+    with server(refuse) as url:
+        link = open_link(url)
+        with pytest.raises(ConnectionClosedError) as closed:
+            link.receive(5000 * MS)
+        link.close()
+    assert closed.value.rcvd is not None
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4401, "bad token")
+
+
+def test_a_refused_upgrade_raises_invalid_status() -> None:
+    with server(lambda conn, protocol: None, status=403) as url:
+        with pytest.raises(InvalidStatus) as refused:
+            open_link(url)
+    assert refused.value.response.status_code == 403
+
+
+def test_a_server_that_stops_answering_is_found_dead_by_keepalive() -> None:
+    silent = threading.Event()
+
+    def go_silent(conn: socket.socket, protocol: ServerProtocol) -> None:
+        silent.wait(5000 * MS)  # reads nothing, so answers no ping
+
+    with server(go_silent) as url:
+        link = open_link(url, ping_interval=50 * MS, ping_timeout=100 * MS)
+        opened = time.monotonic()
+        with pytest.raises(LinkTimeout):
+            while True:  # the sender's loop: keepalive at each deadline it names
+                link.keepalive()
+                time.sleep(max(0.0, link.next_deadline() - time.monotonic()))
+        took = time.monotonic() - opened
+        link.close()  # at once: no closing handshake with a dead server
+        closed_in = time.monotonic() - opened - took
+        silent.set()
+    assert 100 * MS <= took < 1000 * MS  # a ping due after 50 ms, then 100 ms unanswered
+    assert closed_in < 100 * MS
+
+
+def test_a_live_server_keeps_the_link_alive_through_many_pings() -> None:
+    stop = threading.Event()
+    pings = 0
+
+    def answer(conn: socket.socket, protocol: ServerProtocol) -> None:
+        nonlocal pings
+        while not stop.is_set():
+            events = _events(conn, protocol)  # websockets answers each ping itself
+            pings += sum(isinstance(e, Frame) and e.opcode is Opcode.PING for e in events)
+            if protocol.close_rcvd is not None:
+                return
+
+    with server(answer) as url:
+        link = open_link(url, ping_interval=20 * MS, ping_timeout=200 * MS)
+        until = time.monotonic() + 300 * MS
+        while time.monotonic() < until:
+            link.keepalive()
+            link.receive(5 * MS)
+        stop.set()
+        link.close()
+    assert pings >= 5
