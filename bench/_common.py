@@ -75,6 +75,9 @@ class Check:
         limit: the target's bound, in ``unit``.
         better: "lower": the target is ``value <= limit``; "higher": ``value >= limit``.
         note: anything the reader needs to weigh the figure (noise, reduced scale).
+        noise: how far the figure moves with no change at all (the spread of a
+            baseline), in ``unit``; a figure nearer its limit than that is
+            "unresolved" rather than a pass or a shortfall.
     """
 
     figure: str
@@ -83,6 +86,7 @@ class Check:
     limit: float
     better: Literal["lower", "higher"] = "lower"
     note: str = ""
+    noise: float | None = None
 
     @property
     def target(self) -> str:
@@ -95,7 +99,15 @@ class Check:
         return self.value <= self.limit if self.better == "lower" else self.value >= self.limit
 
     @property
+    def resolved(self) -> bool:
+        if self.noise is None or self.value is None or math.isnan(self.value):
+            return True
+        return abs(self.value - self.limit) > self.noise
+
+    @property
     def verdict(self) -> str:
+        if not self.resolved:
+            return "unresolved"
         return "pass" if self.passed else "falls short"
 
     def as_dict(self) -> dict[str, Any]:

@@ -1,0 +1,54 @@
+"""The benchmarks' verdicts (``bench/_common.py``): a figure nearer its target than
+the noise of its method is neither a pass nor a shortfall."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def common() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("_bench_common", BENCH / "_common.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("value", "noise", "verdict"),
+    [
+        (0.5, None, "pass"),
+        (1.5, None, "falls short"),
+        (0.5, 0.33, "pass"),  # 0.5 below the limit: more than the noise
+        (1.5, 0.33, "falls short"),
+        (0.9, 0.33, "unresolved"),  # within the noise of the limit, either side
+        (1.2, 0.33, "unresolved"),
+        (3.1, 15.6, "unresolved"),  # a 15% spread cannot tell 3% from 1%
+    ],
+)
+def test_a_lower_is_better_figure(
+    common: ModuleType, value: float, noise: float | None, verdict: str
+) -> None:
+    check = common.Check("slowdown", value, "%", 1.0, noise=noise)
+    assert check.verdict == verdict
+    assert check.as_dict()["verdict"] == verdict
+    assert check.passed == (value <= 1.0)  # "pass" in the JSON stays the bare comparison
+
+
+def test_a_higher_is_better_figure_and_a_missing_one(common: ModuleType) -> None:
+    assert common.Check("ingest", 350e3, "points/s", 300e3, "higher", noise=20e3).verdict == "pass"
+    assert common.Check("ingest", 310e3, "points/s", 300e3, "higher", noise=20e3).verdict == (
+        "unresolved"
+    )
+    assert common.Check("ingest", None, "points/s", 300e3, "higher", noise=1.0).verdict == (
+        "falls short"
+    )
