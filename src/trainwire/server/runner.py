@@ -102,7 +102,11 @@ def bind(host: str, port: int, *, fallback: bool = False) -> socket.socket:
         fallback: take any free port if ``port`` is in use.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named, not left 0: asyncio sets TCP_NODELAY only on sockets whose
+    # proto says TCP. Without it, Nagle held the second of two quick small frames
+    # (an ack after an ack, a dashboard push after a push) until the peer's delayed
+    # ACK, 40 ms later: finish() took 45 ms instead of 5 about half the time.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
