@@ -79,6 +79,36 @@ def _points(server: LiveServer, run_id: str) -> list[float]:
     return series["x"].value if "x" in series else []
 
 
+def test_a_row_log_vouched_for_goes_out_as_it_is_and_others_are_checked() -> None:
+    np = pytest.importorskip("numpy")
+    s = sender(0.02)
+    plain = (0, 1.0, {"loss": 0.5})
+    s.queue.append(plain)
+    s._drain()
+    s.queue.append((None, 2.0, {"loss": 0.25}))  # no step: one more than the last
+    s.queue.append((None, 3.0, {1: 2, "acc": np.float32(0.5)}, False))  # log() could not vouch
+    s._drain()
+    [first, second] = s.session.outbox.items(1, 10)
+    assert first.rows[0] is plain  # not copied, not converted: one pass over the queue
+    assert second.rows == [(1, 2.0, {"loss": 0.25}), (2, 3.0, {"1": 2.0, "acc": 0.5})]
+    assert all(type(v) is float for _, _, row in second.rows for v in row.values())
+
+
+def test_log_marks_what_it_cannot_vouch_for_and_every_value_arrives(
+    live_server: LiveServer,
+) -> None:
+    torch = pytest.importorskip("torch")
+    run = trainwire.init(url=live_server.url)
+    run.log({"a": 1.0, "t": torch.tensor(0.5)}, step=0)  # plain once the tensor is read
+    run.log({"a": 2.0, 3: 4, "n": torch.tensor(5)}, step=1)  # an int key and int values
+    queued = list(run._queue)  # the sender may have taken some: check those still here
+    run.finish()
+    assert all(len(row) == (3 if row[0] == 0 else 4) for row in queued)
+    series = live_server.store.metrics(run.id)[1]
+    assert (series["a"].value, series["t"].value) == ([1.0, 2.0], [0.5])
+    assert (series["3"].value, series["n"].value) == ([4.0], [5.0])
+
+
 def test_rows_logged_behind_a_value_still_being_copied_wait_for_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -86,7 +116,7 @@ def test_rows_logged_behind_a_value_still_being_copied_wait_for_it(
     copied = False  # stands for a GPU copy's event: done once this is True
     monkeypatch.setattr(tensors_module._Pending, "ready", lambda pending: copied)
     s = sender(0.02)
-    s.queue.append((0, 1.0, {"loss": torch.tensor(0.5)}))
+    s.queue.append((0, 1.0, {"loss": torch.tensor(0.5)}, False))  # as log() marks a tensor
     s._drain()
     s.queue.append((1, 2.0, {"loss": 0.25}))  # plain floats: they still queue behind
     s._drain()

@@ -55,12 +55,19 @@ def test_log_reads_one_number_cpu_tensors_at_once_and_keeps_no_reference() -> No
     loss = (weight * 2).sum()
     alive = weakref.ref(loss)
     values: dict[str, Any] = {"loss": loss, "n": torch.tensor(7), "acc": 0.5, "v": torch.ones(2)}
-    read_cpu_scalars(values)
+    assert not read_cpu_scalars(values)  # an int and a vector are left: not plain
     assert values["loss"] == 6.0 and type(values["loss"]) is float
     assert values["n"] == 7 and values["acc"] == 0.5
     assert is_tensor(values["v"])  # not one number: left for the sender to refuse
     del loss
     assert alive() is None  # nothing logged keeps the tensor, or its graph, alive
+
+
+def test_a_row_is_plain_once_its_cpu_tensors_are_read_and_only_then() -> None:
+    assert read_cpu_scalars({"loss": torch.tensor(0.5), "lr": 0.1})
+    assert not read_cpu_scalars({"n": torch.tensor(3)})  # an integer tensor gives an int
+    assert not read_cpu_scalars({"loss": torch.tensor(0.5), 7: 0.1})  # a key that is no str
+    assert not read_cpu_scalars({"step": 3})
 
 
 def test_cpu_tensors_logged_arrive_as_their_values(live_server: LiveServer) -> None:

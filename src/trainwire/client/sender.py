@@ -33,8 +33,13 @@ __all__ = ["LoggedRow", "Sender"]
 
 logger = logging.getLogger("trainwire.client")
 
-# (step or None, unix time, metrics as the user passed them): converted here.
-LoggedRow = tuple[int | None, float, dict[str, Any]]
+# What log() queues: (step or None, unix time, metrics). When log() saw str keys and
+# float values only (the common case), that is the row as it will be sent, and it
+# goes through untouched; otherwise log() appends a fourth element, False, and the
+# values are checked and converted here.
+LoggedRow = (
+    tuple[int | None, float, dict[str, Any]] | tuple[int | None, float, dict[str, Any], bool]
+)
 
 _OPEN_TIMEOUT: Final = 5.0
 # A connection that stops answering (a cable pulled, a NAT entry gone, a blackholing
@@ -329,34 +334,43 @@ class Sender(threading.Thread):
         # Read before the queue is drained: finish() sets it after the user's last
         # log() returned, so once it is seen, every row of the run is in the queue.
         closing = self._closing.is_set()
-        logged: list[LoggedRow] = []
-        # True while every row has str keys and float values, as log() leaves a row of
-        # Python floats and CPU tensors: such rows need no conversion and go as they
-        # are, in one pass. This loop holds the GIL the training thread wants.
+        queue = self.queue
+        logged: list[Row] = []
+        append = logged.append
+        last_step = self._last_step
+        # True while log() vouched for every row (str keys, float values): such rows
+        # go as they are, in one pass. This loop holds the GIL the training thread
+        # wants, for every row: it touches nothing but the row's tuple.
         plain = True
-        while self.queue:
-            step, at, metrics = self.queue.popleft()
-            # "One more than the last step logged", in the order of the log() calls.
-            if step is None:
-                step = self._last_step + 1
-            elif type(step) is not int:
-                try:
-                    step = operator.index(step)  # numpy and torch integers, not 1.5
-                except TypeError:
-                    self.dropped_rows += 1
-                    self._warn_once(
-                        "step", "trainwire dropped a row: step %r is not an integer", step
-                    )
-                    continue
-            self._last_step = step
-            logged.append((step, at, metrics))
-            plain = plain and _is_plain(metrics)
+        while queue:
+            row = queue.popleft()
+            step = row[0]
+            if type(step) is not int:
+                # "One more than the last step logged", in the order of the log() calls.
+                if step is None:
+                    step = last_step + 1
+                else:
+                    try:
+                        step = operator.index(step)  # numpy and torch integers, not 1.5
+                    except TypeError:
+                        self.dropped_rows += 1
+                        self._warn_once(
+                            "step", "trainwire dropped a row: step %r is not an integer", step
+                        )
+                        continue
+                row = (step, row[1], row[2], *row[3:])
+            if len(row) != 3:  # log() left values to check or convert
+                plain = False
+                row = (step, row[1], row[2])
+            last_step = step
+            append(row)  # type: ignore[arg-type]  # step is an int by now
+        self._last_step = last_step
         taken = len(logged)
+        # The sampler's rows are plain by construction (floats it made itself).
         while self.system_queue:
-            logged.append(self.system_queue.popleft())
-            plain = False  # rare (once a second): the general path checks them
+            append(self.system_queue.popleft())  # type: ignore[arg-type]
         if plain and not self.tensors.waiting:
-            self._add(logged)  # type: ignore[arg-type]
+            self._add(logged)
         else:
             self._convert(logged, closing)
         if closing and self._finish_status is not None:
@@ -364,11 +378,11 @@ class Sender(threading.Thread):
         self._cut()
         return taken
 
-    def _convert(self, logged: list[LoggedRow], closing: bool) -> None:
+    def _convert(self, logged: list[Row], closing: bool) -> None:
         """Rows with tensors or other values to convert, in order, through the
         tensor resolver (GPU values once their copies are done)."""
         if logged:
-            self.tensors.submit(logged)  # type: ignore[arg-type]
+            self.tensors.submit(logged)
         rows: list[Row] = []
         for step, at, metrics in self.tensors.ready(wait=closing):
             if _is_plain(metrics):  # goes as it is: log() made this dict

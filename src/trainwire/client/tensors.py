@@ -45,25 +45,39 @@ def is_tensor(value: Any) -> bool:
 _tensor_types: set[type] = set()
 
 
-def read_cpu_scalars(values: dict[Any, Any]) -> None:
+def read_cpu_scalars(values: dict[Any, Any]) -> bool:
     """Replace, in place, each one-number CPU tensor in ``values`` by its number.
 
     Runs on the training thread, in ``log()``: Python numbers cost one type check;
     a tensor on any other device, or one ``.item()`` refuses, is left for the sender.
+
+    Returns:
+        True if every value is now a float and every key a str: a row the sender
+        can send as it is.
     """
+    plain = True
     for key, value in values.items():
+        if type(key) is not str:
+            plain = False
         kind = type(value)
-        if kind is float or kind is int:
+        if kind is float:
             continue
         if kind not in _tensor_types:
             if not is_tensor(value):
+                plain = False  # an int, a numpy scalar, ...: the sender converts it
                 continue
             _tensor_types.add(kind)
         if value.is_cpu:
             try:
-                values[key] = value.item()  # never a sync: a CPU value is computed
+                value = values[key] = value.item()  # never a sync: a CPU value is computed
             except Exception:  # noqa: BLE001 - not one number: the sender refuses it
+                plain = False
                 continue
+            if type(value) is not float:  # an integer tensor's int
+                plain = False
+        else:
+            plain = False  # a GPU tensor: the sender reads it once its copy is done
+    return plain
 
 
 @dataclass
