@@ -78,6 +78,9 @@ class Check:
         noise: how far the figure moves with no change at all (the spread of a
             baseline), in ``unit``; a figure nearer its limit than that is
             "unresolved" rather than a pass or a shortfall.
+        floor: the figure is a lower bound of what the target is about, not the
+            target's own measure: past the limit it shows a shortfall, within it it
+            is only "consistent" with a pass.
     """
 
     figure: str
@@ -87,6 +90,7 @@ class Check:
     better: Literal["lower", "higher"] = "lower"
     note: str = ""
     noise: float | None = None
+    floor: bool = False
 
     @property
     def target(self) -> str:
@@ -108,7 +112,9 @@ class Check:
     def verdict(self) -> str:
         if not self.resolved:
             return "unresolved"
-        return "pass" if self.passed else "falls short"
+        if not self.passed:
+            return "falls short"
+        return "consistent" if self.floor else "pass"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self) | {"target": self.target, "pass": self.passed, "verdict": self.verdict}
@@ -183,7 +189,7 @@ def report(
         "machine": machine(),
         "params": params,
         "checks": [c.as_dict() for c in checks],
-        "pass": all(c.passed for c in checks),
+        "pass": all(c.verdict == "pass" for c in checks),
         "load": load,
         "data": data or {},
     }

@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             note=f"off CPU B - A {wait_delta:+.2f}% (A's own spread {wait_noise:.2f}%)"
             f" + log() {log_share:.2f}%",
             noise=wait_noise,
+            floor=True,
         ),
     ]
     data: dict[str, Any] = {

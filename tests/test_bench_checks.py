@@ -44,6 +44,12 @@ def test_a_lower_is_better_figure(
     assert check.passed == (value <= 1.0)  # "pass" in the JSON stays the bare comparison
 
 
+def test_a_floor_within_its_target_is_only_consistent_with_it(common: ModuleType) -> None:
+    assert common.Check("floor", 0.5, "%", 1.0, noise=0.3, floor=True).verdict == "consistent"
+    assert common.Check("floor", 1.5, "%", 1.0, noise=0.3, floor=True).verdict == "falls short"
+    assert common.Check("floor", 0.9, "%", 1.0, noise=0.3, floor=True).verdict == "unresolved"
+
+
 def test_a_higher_is_better_figure_and_a_missing_one(common: ModuleType) -> None:
     assert common.Check("ingest", 350e3, "points/s", 300e3, "higher", noise=20e3).verdict == "pass"
     assert common.Check("ingest", 310e3, "points/s", 300e3, "higher", noise=20e3).verdict == (
