@@ -226,17 +226,24 @@ class Link:
         """Feed what arrives within ``timeout`` to the protocol and act on its events.
 
         Returns:
-            False if nothing arrived.
+            False if nothing arrived within ``timeout``.
 
         Raises:
             ConnectionClosedError: the connection is closed (a close frame or EOF).
         """
         if not self._buffered() and not self._selector.select(timeout):
             return False
+        # Never block in recv: with TLS, what made the socket readable may be part of
+        # a record, or a record with no data for us (a TLS 1.3 session ticket).
+        self._sock.settimeout(0.0)
         try:
             data = self._sock.recv(_READ_SIZE)
-        except ssl.SSLWantReadError:  # part of a TLS record: the rest comes later
+        except ssl.SSLWantReadError:
+            return True  # TLS took bytes and has nothing to give yet: wait again
+        except BlockingIOError:
             return False
+        finally:
+            self._sock.settimeout(self.ping_timeout)  # sends: see open()
         if data:
             self._protocol.receive_data(data)
         else:
