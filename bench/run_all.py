@@ -34,6 +34,7 @@ BENCHES: Final = [
     "log_cost",
     "latency",
     "cpu_overhead",
+    "cpu_lockstep",
     "ingest",
     "fanout",
     "memory",

@@ -1,0 +1,295 @@
+"""The CPU loop's slowdown from logging every step, by fine-grained turns between two
+processes: a wall-clock figure that the VM's drift does not swamp.
+
+``cpu_overhead.py`` compares runs of seconds, one after another, and this VM's speed
+drifts by 10-60% between such runs. Here two training processes (the same loop as
+``cpu_overhead.py``, same seed) share one core and take turns of 64 steps (about
+50 ms): the coordinator resumes one with SIGCONT, it trains its turn, reports the
+turn's wall time and stops itself with SIGSTOP, then the other's turn comes. Drift
+slower than a turn hits both alike. A stopped process does nothing, its sender
+thread included, so everything trainwire costs lands in its own turns.
+
+Which process logs is swapped every epoch (A logs while B does not, then B while A
+does not): where a process's memory lands moves its speed by a few percent, and
+the swap cancels that bias (the estimate is the geometric mean of the epochs'
+ratios of total turn time, logging over not).
+
+Each worker runs half the wall time, so wall-clock timers would fire twice as often
+per second of its own running: the logging process's flush pacing, idle wait and
+system sampler interval are doubled to keep them per second of its own run time.
+
+Calibration: the same method measures a known cost, a busy wait of 1% of a step
+added to every step of the "logging" process. On this VM it reads about twice that:
+extra Python work per step costs the loop more than its own duration here (or the
+method amplifies it). The figure is printed raw and scaled by that reading.
+
+Usage::
+
+    .venv/bin/python bench/cpu_lockstep.py            # 4 epochs of 300 turns each
+    .venv/bin/python bench/cpu_lockstep.py --quick    # 2 epochs of 150
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import _common as c
+
+NAME = "cpu_lockstep"
+TARGET_PERCENT = 1.0
+STEPS_PER_TURN = 64
+CALIBRATION_PERCENT = 1.0
+BOOTSTRAP = 500
+
+
+# -- a worker: one training process, driven by its stdin ---------------------------
+
+
+def worker(url: str, mode: str) -> None:
+    """Train in turns: stop, read a command, act, report, stop again. Commands: "log S"
+    (log from now on: open a run, or, calibrating, busy-wait S seconds a step),
+    "plain" (stop logging: finish the run), "turn" (train STEPS_PER_TURN steps)."""
+    os.sched_setaffinity(0, {0})
+    import torch
+    import torch.nn.functional as F
+    from cpu_overhead import BATCH, SEED, Task
+    from torch import nn
+
+    import trainwire
+    from trainwire.client import sender as sender_module, system as system_module
+
+    # Running half the wall time: keep the pacing per second of this process's own run.
+    interval_for = sender_module.Sender.interval_for
+    sender_module.Sender.interval_for = lambda self, rate: 2 * interval_for(self, 2 * rate)  # type: ignore[method-assign]
+    sender_module.IDLE_WAIT = 2 * sender_module.IDLE_WAIT  # type: ignore[misc]
+    sampler_init = system_module.SystemSampler.__init__
+
+    def slow_sampler(self: Any, emit: Any, interval: float = 1.0) -> None:
+        sampler_init(self, emit, 2 * interval)
+
+    system_module.SystemSampler.__init__ = slow_sampler  # type: ignore[method-assign]
+    c.quiet_client_logs(Path(os.environ["TRAINWIRE_BENCH_LOG"]))
+
+    torch.set_num_threads(1)
+    task = Task()
+    torch.manual_seed(SEED)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10, gamma=0.9)
+    order = torch.Generator().manual_seed(SEED)
+    n = len(task.x)
+
+    def batches() -> Any:
+        while True:
+            permutation = torch.randperm(n, generator=order)
+            for i in range(0, n, BATCH):
+                yield permutation[i : i + BATCH]
+            schedule.step()
+
+    indices = batches()
+    run: trainwire.Run | None = None
+    logging_on = False
+    spin_s = 0.0
+    step = 0
+    while True:
+        os.kill(os.getpid(), signal.SIGSTOP)
+        command, *argument = sys.stdin.readline().split()
+        if command in ("log", "plain"):
+            logging_on = command == "log"
+            spin_s = float(argument[0]) if argument else 0.0
+            if mode == "trainwire" and logging_on and run is None:
+                run = trainwire.init(project="bench", name=NAME, url=url, token=c.TOKEN)
+            elif run is not None and not logging_on:
+                run.finish(timeout=60)
+                run = None
+            print("ok", flush=True)
+            continue
+        started = time.perf_counter()
+        for _ in range(STEPS_PER_TURN):
+            index = next(indices)
+            xb, yb = task.x[index], task.y[index]
+            out = model(xb)
+            loss = F.cross_entropy(out, yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            acc = (out.argmax(1) == yb).float().mean().item()
+            lr = schedule.get_last_lr()[0]
+            if logging_on:
+                if run is not None:
+                    run.log({"train/loss": loss, "train/acc": acc, "lr": lr}, step=step)
+                else:  # calibration: a known cost
+                    spin_until = time.perf_counter() + spin_s
+                    while time.perf_counter() < spin_until:
+                        pass
+            step += 1
+        print(time.perf_counter() - started, flush=True)
+
+
+# -- the coordinator ------------------------------------------------------------------
+
+
+class Worker:
+    def __init__(self, url: str, mode: str, log: Path) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--worker", url, mode],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, TRAINWIRE_BENCH_LOG=str(log)),
+        )
+        self._stopped()
+
+    def _stopped(self) -> None:
+        _, status = os.waitpid(self.process.pid, os.WUNTRACED)
+        if not os.WIFSTOPPED(status):
+            raise RuntimeError(f"worker {self.process.pid} ended (status {status})")
+
+    def command(self, line: str) -> str:
+        stdin, stdout = self.process.stdin, self.process.stdout
+        assert stdin is not None and stdout is not None
+        stdin.write(line + "\n")
+        stdin.flush()
+        os.kill(self.process.pid, signal.SIGCONT)
+        answer = stdout.readline().strip()
+        self._stopped()
+        return answer
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        for stream in (self.process.stdin, self.process.stdout):
+            if stream is not None:
+                stream.close()
+
+
+def epochs_of(
+    workers: list[Worker], epochs: int, turns: int, spin_s: float
+) -> list[list[tuple[float, float]]]:
+    """Per epoch, (plain, logging) turn times in pairs; who logs swaps every epoch."""
+    results = []
+    for epoch in range(epochs):
+        logging = epoch % 2
+        for index, worker in enumerate(workers):
+            worker.command(f"log {spin_s!r}" if index == logging else "plain")
+        for worker in workers:  # a warm-up turn each
+            worker.command("turn")
+        pairs = []
+        for turn in range(turns):
+            order = workers if turn % 2 == 0 else workers[::-1]  # who goes first alternates
+            times = {id(w): float(w.command("turn")) for w in order}
+            pairs.append((times[id(workers[1 - logging])], times[id(workers[logging])]))
+        results.append(pairs)
+    return results
+
+
+def estimate(epochs: list[list[tuple[float, float]]]) -> tuple[float, float, float]:
+    """The slowdown in percent, and a 95% bootstrap interval: the geometric mean over
+    epochs of sum(logging) / sum(plain), which cancels each process's own bias."""
+
+    def of(samples: list[list[tuple[float, float]]]) -> float:
+        logs = [math.log(sum(b for _, b in e) / sum(a for a, _ in e)) for e in samples]
+        return (math.exp(sum(logs) / len(logs)) - 1) * 100
+
+    rng = random.Random(0)
+    boots = sorted(
+        of([[rng.choice(pairs) for _ in pairs] for pairs in epochs]) for _ in range(BOOTSTRAP)
+    )
+    return of(epochs), boots[int(0.025 * BOOTSTRAP)], boots[int(0.975 * BOOTSTRAP) - 1]
+
+
+def measure(
+    workers: list[Worker], mode: str, spin_s: float, epochs: int, turns: int
+) -> dict[str, Any]:
+    results = epochs_of(workers, epochs, turns, spin_s)
+    value, low, high = estimate(results)
+    per_epoch = [
+        (sum(b for _, b in pairs) / sum(a for a, _ in pairs) - 1) * 100 for pairs in results
+    ]
+    step_us = c.median([a for pairs in results for a, _ in pairs]) / STEPS_PER_TURN * 1e6
+    print(
+        f"  {mode}: {value:+.2f}% (95% interval {low:+.2f} to {high:+.2f}); per epoch"
+        f" {', '.join(f'{x:+.2f}%' for x in per_epoch)}; {step_us:.0f} µs/step",
+        flush=True,
+    )
+    return {"percent": value, "low": low, "high": high, "per_epoch": per_epoch, "step_us": step_us}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 epochs of 150 turns")
+    parser.add_argument("--epochs", type=int, default=None, help="role swaps (default 4)")
+    parser.add_argument("--turns", type=int, default=None, help="turns per epoch (300)")
+    args = parser.parse_args(argv)
+    epochs = args.epochs or (2 if args.quick else 4)
+    turns = args.turns or (150 if args.quick else 300)
+    if epochs % 2:
+        parser.error("--epochs must be even: each process logs in half of them")
+    cpus = os.cpu_count() or 1
+    if cpus < 2 or not hasattr(os, "sched_setaffinity"):
+        print("needs 2 CPUs and Linux (sched_setaffinity)")
+        return 1
+    c.header(NAME, "training-loop slowdown, two processes taking turns on one core", args.quick)
+    os.sched_setaffinity(0, {cpus - 1})
+    with c.client_environment(NAME) as tmp:
+        server = c.ServerProcess(tmp / "server", cpus={cpus - 1})
+        with server:
+            pairs = {
+                mode: [Worker(server.url, mode, tmp / "client.log") for _ in range(2)]
+                for mode in ("trainwire", "calibration")
+            }
+            try:
+                pids = [server.pid] + [w.process.pid for ws in pairs.values() for w in ws]
+                load = c.MachineLoad(pids)
+                trainwire_run = measure(pairs["trainwire"], "trainwire", 0.0, epochs, turns)
+                spin_s = trainwire_run["step_us"] * 1e-6 * CALIBRATION_PERCENT / 100
+                calibration = measure(pairs["calibration"], "calibration", spin_s, epochs, turns)
+                machine_load = load.stop()
+            finally:
+                for worker in (w for ws in pairs.values() for w in ws):
+                    worker.close()
+    scale = CALIBRATION_PERCENT / calibration["percent"] if calibration["percent"] > 0 else 1.0
+    scaled = trainwire_run["percent"] * scale
+    half_width = (trainwire_run["high"] - trainwire_run["low"]) / 2 * scale
+    print(
+        f"\n  a known {CALIBRATION_PERCENT:g}% ({spin_s * 1e6:.1f} µs a step) reads as"
+        f" {calibration['percent']:+.2f}%: trainwire's {trainwire_run['percent']:+.2f}%"
+        f" scales to {scaled:+.2f}% (±{half_width:.2f})"
+    )
+    checks = [
+        c.Check(
+            "loop slowdown, turns, scaled by calibration",
+            scaled,
+            "%",
+            TARGET_PERCENT,
+            note=f"raw {trainwire_run['percent']:+.2f}% ({trainwire_run['low']:+.2f} to"
+            f" {trainwire_run['high']:+.2f}); a known {CALIBRATION_PERCENT:g}% reads"
+            f" {calibration['percent']:+.2f}%",
+            noise=half_width,
+        )
+    ]
+    c.report(
+        NAME,
+        checks,
+        quick=args.quick,
+        params={"epochs": epochs, "turns": turns, "steps_per_turn": STEPS_PER_TURN},
+        data={"trainwire": trainwire_run, "calibration": calibration, "scaled": scaled},
+        load=machine_load,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        worker(sys.argv[2], sys.argv[3])
+    else:
+        raise SystemExit(main())
