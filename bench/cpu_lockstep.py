@@ -32,6 +32,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import random
@@ -60,9 +61,7 @@ def worker(url: str, mode: str) -> None:
     "plain" (stop logging: finish the run), "turn" (train STEPS_PER_TURN steps)."""
     os.sched_setaffinity(0, {0})
     import torch
-    import torch.nn.functional as F
-    from cpu_overhead import BATCH, SEED, Task
-    from torch import nn
+    from cpu_overhead import Task
 
     import trainwire
     from trainwire.client import sender as sender_module, system as system_module
@@ -80,26 +79,10 @@ def worker(url: str, mode: str) -> None:
     c.quiet_client_logs(Path(os.environ["TRAINWIRE_BENCH_LOG"]))
 
     torch.set_num_threads(1)
-    task = Task()
-    torch.manual_seed(SEED)
-    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10, gamma=0.9)
-    order = torch.Generator().manual_seed(SEED)
-    n = len(task.x)
-
-    def batches() -> Any:
-        while True:
-            permutation = torch.randperm(n, generator=order)
-            for i in range(0, n, BATCH):
-                yield permutation[i : i + BATCH]
-            schedule.step()
-
-    indices = batches()
+    steps = Task().steps()
     run: trainwire.Run | None = None
     logging_on = False
     spin_s = 0.0
-    step = 0
     while True:
         os.kill(os.getpid(), signal.SIGSTOP)
         command, *argument = sys.stdin.readline().split()
@@ -114,16 +97,7 @@ def worker(url: str, mode: str) -> None:
             print("ok", flush=True)
             continue
         started = time.perf_counter()
-        for _ in range(STEPS_PER_TURN):
-            index = next(indices)
-            xb, yb = task.x[index], task.y[index]
-            out = model(xb)
-            loss = F.cross_entropy(out, yb)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            acc = (out.argmax(1) == yb).float().mean().item()
-            lr = schedule.get_last_lr()[0]
+        for step, loss, acc, lr in itertools.islice(steps, STEPS_PER_TURN):
             if logging_on:
                 if run is not None:
                     run.log({"train/loss": loss, "train/acc": acc, "lr": lr}, step=step)
@@ -131,7 +105,6 @@ def worker(url: str, mode: str) -> None:
                     spin_until = time.perf_counter() + spin_s
                     while time.perf_counter() < spin_until:
                         pass
-            step += 1
         print(time.perf_counter() - started, flush=True)
 
 

@@ -29,9 +29,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import itertools
+import math
 import os
 import sqlite3
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import _common as c
@@ -57,9 +60,9 @@ class Task:
         self.x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
         self.y = torch.tensor(digits.target, dtype=torch.long)
 
-    def train(self, epochs: int, run: trainwire.Run | None) -> tuple[float, int, float]:
-        """Train for ``epochs``; returns (seconds in the loop, steps, the training
-        thread's own CPU seconds over the loop)."""
+    def steps(self) -> Iterator[tuple[int, torch.Tensor, float, float]]:
+        """The loop, from a fresh MLP and the same seed each time, without end: each
+        step trained yields (step, loss as a 0-d tensor, accuracy, learning rate)."""
         torch.manual_seed(SEED)
         model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -67,9 +70,7 @@ class Task:
         order = torch.Generator().manual_seed(SEED)
         n = len(self.x)
         step = 0
-        cpu_started = time.thread_time()
-        started = time.perf_counter()
-        for _ in range(epochs):
+        while True:
             permutation = torch.randperm(n, generator=order)
             for i in range(0, n, BATCH):
                 index = permutation[i : i + BATCH]
@@ -80,13 +81,21 @@ class Task:
                 loss.backward()
                 optimizer.step()
                 acc = (out.argmax(1) == yb).float().mean().item()
-                lr = schedule.get_last_lr()[0]
-                if run is not None:
-                    run.log({"train/loss": loss, "train/acc": acc, "lr": lr}, step=step)
+                yield step, loss, acc, schedule.get_last_lr()[0]
                 step += 1
             schedule.step()
+
+    def train(self, epochs: int, run: trainwire.Run | None) -> tuple[float, int, float]:
+        """Train for ``epochs``; returns (seconds in the loop, steps, the training
+        thread's own CPU seconds over the loop)."""
+        steps = epochs * math.ceil(len(self.x) / BATCH)
+        cpu_started = time.thread_time()
+        started = time.perf_counter()
+        for step, loss, acc, lr in itertools.islice(self.steps(), steps):
+            if run is not None:
+                run.log({"train/loss": loss, "train/acc": acc, "lr": lr}, step=step)
         elapsed = time.perf_counter() - started
-        return elapsed, step, time.thread_time() - cpu_started
+        return elapsed, steps, time.thread_time() - cpu_started
 
 
 def log_call_us(task: Task, url: str) -> float:

@@ -3,6 +3,7 @@ an idle sender sleeps until log() wakes it."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 
@@ -95,15 +96,24 @@ def test_a_row_log_vouched_for_goes_out_as_it_is_and_others_are_checked() -> Non
 
 
 def test_log_marks_what_it_cannot_vouch_for_and_every_value_arrives(
-    live_server: LiveServer,
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     torch = pytest.importorskip("torch")
+    inspected = threading.Event()  # the sender takes nothing until the queue is read
+    drain = Sender._drain
+
+    def drain_once_inspected(self: Sender) -> int:
+        inspected.wait(5000 * MS)
+        return drain(self)
+
+    monkeypatch.setattr(Sender, "_drain", drain_once_inspected)
     run = trainwire.init(url=live_server.url)
     run.log({"a": 1.0, "t": torch.tensor(0.5)}, step=0)  # plain once the tensor is read
     run.log({"a": 2.0, 3: 4, "n": torch.tensor(5)}, step=1)  # an int key and int values
-    queued = list(run._queue)  # the sender may have taken some: check those still here
+    queued = list(run._queue)
+    inspected.set()
     run.finish()
-    assert all(len(row) == (3 if row[0] == 0 else 4) for row in queued)
+    assert [len(row) for row in queued] == [3, 4]
     series = live_server.store.metrics(run.id)[1]
     assert (series["a"].value, series["t"].value) == ([1.0, 2.0], [0.5])
     assert (series["3"].value, series["n"].value) == ([4.0], [5.0])

@@ -157,19 +157,18 @@ class Run:
             # No lock: deque.append is atomic, and a missing step is filled in by the
             # sender in queue order, which is the order of the log() calls.
             values = dict(metrics)
+            plain = True
             for key, value in values.items():
                 # Rows of floats under str keys: two checks a value, no call, and the
                 # sender passes them on untouched.
                 if type(value) is not float or type(key) is not str:
                     # CPU tensors: their numbers, read at once. A row with anything
                     # else the sender checks and converts (the False).
-                    if read_cpu_scalars(values):
-                        self._queue.append((step, time.time(), values))
-                    else:
-                        self._queue.append((step, time.time(), values, False))
+                    plain = read_cpu_scalars(values)
                     break
-            else:
-                self._queue.append((step, time.time(), values))
+            self._queue.append(
+                (step, time.time(), values) if plain else (step, time.time(), values, False)
+            )
             if self._sender.idle:  # asleep with nothing to do: one wake per idle spell
                 self._sender.wake()
         except Exception:  # the training loop's boundary: count, warn once, go on

@@ -345,6 +345,9 @@ class Sender(threading.Thread):
         while queue:
             row = queue.popleft()
             step = row[0]
+            marked = len(row) != 3  # log() left values to check or convert
+            if marked:
+                plain = False
             if type(step) is not int:
                 # "One more than the last step logged", in the order of the log() calls.
                 if step is None:
@@ -358,9 +361,8 @@ class Sender(threading.Thread):
                             "step", "trainwire dropped a row: step %r is not an integer", step
                         )
                         continue
-                row = (step, row[1], row[2], *row[3:])
-            if len(row) != 3:  # log() left values to check or convert
-                plain = False
+                marked = True  # rebuilt below with its step
+            if marked:
                 row = (step, row[1], row[2])
             last_step = step
             append(row)  # type: ignore[arg-type]  # step is an int by now
