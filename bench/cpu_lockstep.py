@@ -89,12 +89,19 @@ def worker(url: str, mode: str) -> None:
         if command in ("log", "plain"):
             logging_on = command == "log"
             spin_s = float(argument[0]) if argument else 0.0
+            answer = "ok"
             if mode == "trainwire" and logging_on and run is None:
-                run = trainwire.init(project="bench", name=NAME, url=url, token=c.TOKEN)
+                # The server's token, from the coordinator's environment: this process's
+                # own c.TOKEN is another random one, which the server would refuse, and
+                # a refused sender (retrying, spilling) is not what this bench measures.
+                token = os.environ["TRAINWIRE_TOKEN"]
+                run = trainwire.init(project="bench", name=NAME, url=url, token=token)
             elif run is not None and not logging_on:
                 run.finish(timeout=60)
+                if not run.delivered:
+                    answer = "undelivered"
                 run = None
-            print("ok", flush=True)
+            print(answer, flush=True)
             continue
         started = time.perf_counter()
         for step, loss, acc, lr in itertools.islice(steps, STEPS_PER_TURN):
@@ -152,8 +159,7 @@ def epochs_of(
     results = []
     for epoch in range(epochs):
         logging = epoch % 2
-        for index, worker in enumerate(workers):
-            worker.command(f"log {spin_s!r}" if index == logging else "plain")
+        roles(workers, logging, spin_s)
         for worker in workers:  # a warm-up turn each
             worker.command("turn")
         pairs = []
@@ -162,7 +168,16 @@ def epochs_of(
             times = {id(w): float(w.command("turn")) for w in order}
             pairs.append((times[id(workers[1 - logging])], times[id(workers[logging])]))
         results.append(pairs)
+    roles(workers, None, spin_s)  # the last run ends, and must be delivered too
     return results
+
+
+def roles(workers: list[Worker], logging: int | None, spin_s: float) -> None:
+    """Worker ``logging`` logs from now on, the others not (a run they had ends)."""
+    for index, worker in enumerate(workers):
+        answer = worker.command(f"log {spin_s!r}" if index == logging else "plain")
+        if answer != "ok":  # measured, a refused or cut-off sender would pass for ours
+            raise RuntimeError(f"a logging worker's run was {answer}: see the client log")
 
 
 def estimate(epochs: list[list[tuple[float, float]]]) -> tuple[float, float, float]:
