@@ -12,7 +12,7 @@ from tests.conftest import MS, LiveServer, wait_until
 
 import trainwire
 from trainwire.client import sender as sender_module, tensors as tensors_module
-from trainwire.client.sender import MAX_FLUSH_INTERVAL, STRETCH_RATE, Sender
+from trainwire.client.sender import IDLE_WAIT, MAX_FLUSH_INTERVAL, STRETCH_RATE, Sender
 from trainwire.client.spool import SpillingOutbox
 from trainwire.protocol.messages import RunSpec
 from trainwire.protocol.session import ClientSession
@@ -39,6 +39,43 @@ def test_a_faster_loop_stretches_the_interval_in_proportion_up_to_the_cap() -> N
 def test_an_interval_chosen_above_the_cap_is_never_shortened() -> None:
     s = sender(0.5)
     assert s.interval_for(1000 * STRETCH_RATE) == 0.5
+
+
+class _LoggingLoop:
+    """Stands in for the sender's clock and its Event: each wait is time passing while
+    a loop logs ``rate`` rows a second; close() never comes."""
+
+    def __init__(self, sender: Sender, rate: float) -> None:
+        self.sender, self.rate, self.now, self.waits = sender, rate, 0.0, list[float]()
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def wait(self, timeout: float) -> bool:
+        self.waits.append(timeout)
+        for _ in range(round(timeout * self.rate)):
+            self.sender.queue.append((None, self.now, {"x": 1.0}))
+        self.now += timeout
+        return False
+
+
+@pytest.mark.parametrize(
+    ("rate", "expected"), [(2000.0, MAX_FLUSH_INTERVAL), (250.0, 0.04), (0.0, IDLE_WAIT)]
+)
+def test_waiting_to_retry_drains_at_a_connected_senders_pace(
+    monkeypatch: pytest.MonkeyPatch, rate: float, expected: float
+) -> None:
+    # The server is away: logged rows are still converted while the sender backs off,
+    # but a fast loop is not woken every flush_interval for it, nor an idle one.
+    s = sender(0.02)
+    loop = _LoggingLoop(s, rate)
+    monkeypatch.setattr(sender_module, "time", loop)
+    monkeypatch.setattr(s, "_wake", loop)
+    s._wait_to_retry(30.0)
+    assert loop.now == pytest.approx(30.0)
+    assert loop.waits[0] == 0.02
+    assert loop.waits[2:-1] == [pytest.approx(expected)] * len(loop.waits[2:-1])
+    assert s.session.queued_rows + s.session.outbox.rows == round(30.0 * rate) - len(s.queue)
 
 
 def test_an_idle_sender_sleeps_until_log_wakes_it(

@@ -226,14 +226,24 @@ class Sender(threading.Thread):
     def _wait_to_retry(self, delay: float) -> None:
         # Keep draining while waiting: the queue holds the user's objects (a loss
         # tensor keeps its autograd graph alive) until they are converted to floats,
-        # and rows beyond the memory bound must reach the spill file.
+        # and rows beyond the memory bound must reach the spill file. Paced as a
+        # connected sender's flushes are (interval_for), and IDLE_WAIT apart while
+        # nothing is logged: a server away, or refusing our token, must not cost a
+        # fast loop a wake-up every flush_interval (measured: a 1,300 steps/s loop
+        # ran 4-6% slower, against 3-4% connected).
         # Event.wait, not sleep: close() wakes a waiting sender at once.
-        until = time.monotonic() + min(delay, self._time_left())
-        while (left := until - time.monotonic()) > 0:
-            if self._wake.wait(min(left, self.flush_interval)):
+        now = time.monotonic()
+        until = now + min(delay, self._time_left())
+        interval, last_drain = self.flush_interval, now
+        while (left := until - now) > 0:
+            if self._wake.wait(min(left, interval)):
                 self._wake.clear()  # woken once by close(); later waits back off again
                 return
-            self._drain()
+            now = time.monotonic()
+            rows = self._drain()
+            rate = rows / max(now - last_drain, 1e-3)
+            interval = self.interval_for(rate) if rows else IDLE_WAIT
+            last_drain = now
 
     def _connect_and_pump(self, url: str) -> None:
         self._drain()
