@@ -38,6 +38,8 @@ from trainwire.settings import DEFAULT_PORT, default_data_dir, is_loopback
 
 __all__ = ["Run", "RunState", "finish", "init", "log"]
 
+_now: Final = time.time  # one global lookup in log(), not a global and an attribute
+
 logger = logging.getLogger("trainwire.client")
 
 DEFAULT_FINISH_TIMEOUT: Final = 30.0
@@ -92,6 +94,7 @@ class Run:
             # cookie at once, out of the address bar and history.
             query = {"run": self.id, **({"token": token} if token else {})}
             self.url = f"{self.server_url}/?{urlencode(query, quote_via=quote)}"
+        self._running = False
         self.state = RunState.RUNNING if enabled else RunState.DETACHED
         self._dropped_calls = 0
         self._max_queued = max(max_memory_rows, 10_000)
@@ -128,6 +131,15 @@ class Run:
                 self._system = SystemSampler(self._log_system)
                 self._system.start()
 
+    @property
+    def state(self) -> RunState:
+        return self._state
+
+    @state.setter
+    def state(self, state: RunState) -> None:
+        self._state = state
+        self._running = state is RunState.RUNNING  # log()'s one check, a bool
+
     def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         """Record metrics at a step. Returns at once and never raises.
 
@@ -137,44 +149,53 @@ class Run:
                 without a sync; a CPU tensor's read at once, which waits for nothing).
             step: the step; if omitted, one more than the last step logged.
         """
+        # The training thread's path, run cold between two steps of a training loop
+        # (its code and data evicted by the step): every lookup and call here costs
+        # several times its warm cost, so the rare cases go to _refuse.
         try:
-            if self.state is not RunState.RUNNING:
-                if self.state is RunState.FINISHED and not self._warned_closed:
-                    self._warned_closed = True
-                    logger.warning("run %s is finished: log() calls are ignored", self.id)
-                return
-            if len(self._queue) >= self._max_queued:
-                # The sender cannot keep up (a loop logging far faster than it can
-                # convert): drop, count, and say so once, rather than grow without bound.
-                self._dropped_calls += 1
-                if self._dropped_calls == 1:
-                    logger.warning(
-                        "trainwire: log() is called faster than points can be handled; "
-                        "dropping (the count is reported at finish())"
-                    )
+            queue = self._queue
+            if not self._running or len(queue) >= self._max_queued:
+                self._refuse()
                 return
             # A copy: the caller may reuse and mutate its dict after log() returns.
             # No lock: deque.append is atomic, and a missing step is filled in by the
             # sender in queue order, which is the order of the log() calls.
             values = dict(metrics)
-            plain = True
             for key, value in values.items():
                 # Rows of floats under str keys: two checks a value, no call, and the
                 # sender passes them on untouched.
                 if type(value) is not float or type(key) is not str:
                     # CPU tensors: their numbers, read at once. A row with anything
                     # else the sender checks and converts (the False).
-                    plain = read_cpu_scalars(values)
+                    if not read_cpu_scalars(values):
+                        queue.append((step, _now(), values, False))
+                        break
+                    queue.append((step, _now(), values))
                     break
-            self._queue.append(
-                (step, time.time(), values) if plain else (step, time.time(), values, False)
-            )
+            else:
+                queue.append((step, _now(), values))
             if self._sender.idle:  # asleep with nothing to do: one wake per idle spell
                 self._sender.wake()
         except Exception:  # the training loop's boundary: count, warn once, go on
             self._dropped_calls += 1
             if self._dropped_calls == 1:
                 logger.warning("trainwire could not record a log() call", exc_info=True)
+
+    def _refuse(self) -> None:
+        """log() when the run is not running, or its queue is full."""
+        if self.state is not RunState.RUNNING:
+            if self.state is RunState.FINISHED and not self._warned_closed:
+                self._warned_closed = True
+                logger.warning("run %s is finished: log() calls are ignored", self.id)
+            return
+        # The sender cannot keep up (a loop logging far faster than it can convert):
+        # drop, count, and say so once, rather than grow without bound.
+        self._dropped_calls += 1
+        if self._dropped_calls == 1:
+            logger.warning(
+                "trainwire: log() is called faster than points can be handled; "
+                "dropping (the count is reported at finish())"
+            )
 
     def _log_system(self, second: int, values: dict[str, float]) -> None:
         # Their own queue: their steps (seconds) must not move the training's step count.
