@@ -229,8 +229,8 @@ class Sender(threading.Thread):
         # and rows beyond the memory bound must reach the spill file. Paced as a
         # connected sender's flushes are (interval_for), and IDLE_WAIT apart while
         # nothing is logged: a server away, or refusing our token, must not cost a
-        # fast loop a wake-up every flush_interval (measured: a 1,300 steps/s loop
-        # ran 4-6% slower, against 3-4% connected).
+        # fast loop a wake-up every flush_interval (measured by turns on a 1,300
+        # steps/s loop: +3.6% with the server refusing, against +2.7% connected).
         # Event.wait, not sleep: close() wakes a waiting sender at once.
         now = time.monotonic()
         until = now + min(delay, self._time_left())
