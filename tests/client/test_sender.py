@@ -74,7 +74,8 @@ def test_waiting_to_retry_drains_at_a_connected_senders_pace(
     s._wait_to_retry(30.0)
     assert loop.now == pytest.approx(30.0)
     assert loop.waits[0] == 0.02
-    assert loop.waits[2:-1] == [pytest.approx(expected)] * len(loop.waits[2:-1])
+    paced = loop.waits[1:-1]  # after the first drain, before the last, cut short
+    assert paced == [pytest.approx(expected)] * len(paced)
     assert s.session.queued_rows + s.session.outbox.rows == round(30.0 * rate) - len(s.queue)
 
 

@@ -161,6 +161,7 @@ class Run:
             # No lock: deque.append is atomic, and a missing step is filled in by the
             # sender in queue order, which is the order of the log() calls.
             values = dict(metrics)
+            row: LoggedRow = (step, _now(), values)
             for key, value in values.items():
                 # Rows of floats under str keys: two checks a value, no call, and the
                 # sender passes them on untouched.
@@ -168,12 +169,9 @@ class Run:
                     # CPU tensors: their numbers, read at once. A row with anything
                     # else the sender checks and converts (the False).
                     if not read_cpu_scalars(values):
-                        queue.append((step, _now(), values, False))
-                        break
-                    queue.append((step, _now(), values))
+                        row = (step, row[1], values, False)
                     break
-            else:
-                queue.append((step, _now(), values))
+            queue.append(row)
             if self._sender.idle:  # asleep with nothing to do: one wake per idle spell
                 self._sender.wake()
         except Exception:  # the training loop's boundary: count, warn once, go on
