@@ -185,7 +185,7 @@ class Sender(threading.Thread):
             rows = self._drain()
             # Stretched like a connected sender's: each pass writes to the file and
             # costs the loop a wake-up (a fast loop: 9% slower at 50 passes a second).
-            interval = self.interval_for(rows / max(now - last_drain, 1e-3))
+            interval = self.pace(rows, now - last_drain)
             last_drain = now
         self._drain()
 
@@ -241,8 +241,7 @@ class Sender(threading.Thread):
                 return
             now = time.monotonic()
             rows = self._drain()
-            rate = rows / max(now - last_drain, 1e-3)
-            interval = self.interval_for(rate) if rows else IDLE_WAIT
+            interval = self.pace(rows, now - last_drain) if rows else IDLE_WAIT
             last_drain = now
 
     def _connect_and_pump(self, url: str) -> None:
@@ -272,7 +271,7 @@ class Sender(threading.Thread):
                 # Rows are taken once per flush interval, not once per ack: every pass
                 # holds the GIL that the training thread wants.
                 rows = self._drain()
-                next_flush = now + self.interval_for(rows / max(now - last_drain, 1e-3))
+                next_flush = now + self.pace(rows, now - last_drain)
                 last_drain = now
                 idle = rows == 0  # a whole interval with nothing logged
             # After an ack this only refills the window (a backlog being replayed).
@@ -329,6 +328,11 @@ class Sender(threading.Thread):
                 raise ProtocolError("server sent a text frame")
             self.session.receive_frame(data)
             self._backoff.reset()
+
+    def pace(self, rows: int, seconds: float) -> float:
+        """The wait before the next drain, after one that took ``rows`` logged over
+        ``seconds``: the connected, retrying and offline senders all pace so."""
+        return self.interval_for(rows / max(seconds, 1e-3))
 
     def interval_for(self, rate: float) -> float:
         """The wait before the next flush, for a loop logging ``rate`` rows a second:
