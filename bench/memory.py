@@ -45,6 +45,7 @@ from ingest import Trainer, batch_frames, hello_frame
 from websockets.sync.client import connect
 
 import trainwire
+from trainwire.client.spool import SpillingOutbox
 
 NAME = "memory"
 SERVER_TARGET_MB = 50.0
@@ -159,6 +160,7 @@ def client_pass(rows: int, rate: float | None, disk_bytes: int) -> dict[str, Any
         token=c.TOKEN,
         max_memory_rows=10_000,
         max_disk_bytes=disk_bytes,
+        system_metrics=False,  # the rows counted are the loop's own
     )
     samples: list[dict[str, float]] = []
     every = max(1, rows // 100)
@@ -188,8 +190,22 @@ def client_pass(rows: int, rate: float | None, disk_bytes: int) -> dict[str, Any
         time.sleep(0.02)  # the sender thread's progress: polled
     file_size = run.path.stat().st_size if run.path.exists() else 0
     end = {"rss": c.rss_bytes(), "file": file_size, "queued": len(run._queue)}
-    dropped = run._sender.dropped_rows
+    # finish() with the server still away: the sender writes what it held in memory
+    # to the run file (persist). Its memory is sampled until the thread has ended.
+    finish_rss = [end["rss"]]
+    sender = run._sender
+    started = time.perf_counter()
+    sampler = threading.Thread(target=_sample_rss, args=(sender, finish_rss), daemon=True)
+    sampler.start()
     run.finish(timeout=0.2)
+    finish_seconds = time.perf_counter() - started
+    sender.join()
+    sender_seconds = time.perf_counter() - started
+    sampler.join()
+    kept = SpillingOutbox.open_existing(run.path)
+    kept_rows = kept.rows
+    kept.close()
+    dropped = sender.dropped_rows + run._dropped_calls
     tenth = samples[max(0, len(samples) // 10 - 1)]
     return {
         "rows": rows,
@@ -198,13 +214,27 @@ def client_pass(rows: int, rate: float | None, disk_bytes: int) -> dict[str, Any
         "rss_at_10pct": tenth["rss"],
         "rss_peak": max(s["rss"] for s in samples),
         "rss_end": end["rss"],
+        "rss_peak_finishing": max(finish_rss),
         "growth_after_10pct_mb": (max(s["rss"] for s in samples) - tenth["rss"]) / MB,
+        "finish_growth_mb": (max(finish_rss) - tenth["rss"]) / MB,
+        "finish_seconds": finish_seconds,
+        "sender_seconds": sender_seconds,
+        "kept_rows": kept_rows,
+        "lost_rows": rows - kept_rows - dropped,
         "max_queued": max(s["queued"] for s in samples),
         "file_peak": max([s["file"] for s in samples] + [file_size]),
         "file_end": file_size,
         "dropped_rows": dropped,
         "samples": samples,
     }
+
+
+def _sample_rss(thread: threading.Thread, found: list[int]) -> None:
+    """This process's RSS every 10 ms until ``thread`` has ended."""
+    while thread.is_alive():
+        found.append(c.rss_bytes())
+        thread.join(0.01)
+    found.append(c.rss_bytes())
 
 
 def client_part(rows: int, disk_bytes: int, tmp: Any) -> tuple[list[c.Check], dict[str, Any]]:
@@ -231,6 +261,16 @@ def client_part(rows: int, disk_bytes: int, tmp: Any) -> tuple[list[c.Check], di
         f" peak {tight['file_peak'] / MB:.1f} MB (bound {disk_bytes / MB:.1f} MB)",
         flush=True,
     )
+    for label, result in (("paced", paced), ("unpaced", tight)):
+        print(
+            f"  {label}, finish() with the server away: returned in"
+            f" {result['finish_seconds']:.2f} s, the sender ended in"
+            f" {result['sender_seconds']:.2f} s (the rows it held, persisted to the run"
+            f" file); RSS meanwhile up to {result['rss_peak_finishing'] / MB:.1f} MB;"
+            f" of {rows:,} rows {result['kept_rows']:,} in the file,"
+            f" {result['dropped_rows']:,} dropped and counted, {result['lost_rows']:,} lost",
+            flush=True,
+        )
     checks = [
         c.Check(
             "client RSS growth after 10% of rows, server away",
@@ -248,6 +288,21 @@ def client_part(rows: int, disk_bytes: int, tmp: Any) -> tuple[list[c.Check], di
             note=f"max_disk_bytes = {disk_bytes:,} B; paced peak {paced['file_peak']:,} B"
             f" ({paced['file_peak'] - disk_bytes:+,} B); tight loop {tight['file_peak']:,} B"
             f" ({tight['file_peak'] - disk_bytes:+,} B)",
+        ),
+        c.Check(
+            "client RSS growth to the end of finish(), server away",
+            paced["finish_growth_mb"],
+            "MB",
+            CLIENT_TARGET_MB,
+            note="finish() persists the rows held in memory to the run file; tight loop:"
+            f" {tight['finish_growth_mb']:+.0f} MB",
+        ),
+        c.Check(
+            "client rows neither in the run file nor counted as dropped",
+            max(paced["lost_rows"], tight["lost_rows"]),
+            "rows",
+            0,
+            note="after finish(), the run file read back (as `trainwire sync` does)",
         ),
     ]
     return checks, {"paced": paced, "tight": tight, "max_disk_bytes": disk_bytes}

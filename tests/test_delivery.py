@@ -285,6 +285,51 @@ def test_rows_undelivered_at_finish_stay_on_disk_and_sync_later(
         server.stop()
 
 
+def test_finish_with_the_server_away_returns_once_the_rows_held_are_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past its timeout, the sender writes the rows it held in memory to the run file:
+    finish() waits for that, or a script exiting right after would lose them."""
+    import socket
+
+    from trainwire.client import run as run_module
+    from trainwire.client.spool import SpillingOutbox
+
+    # The sender starts saving just after the 50 ms timeout; finish() would return
+    # 0.2 s after it.
+    monkeypatch.setattr(run_module, "SENDER_GRACE", 0.2)
+    entered, release = threading.Event(), threading.Event()
+    persist = SpillingOutbox.persist
+
+    def slow_persist(outbox: SpillingOutbox) -> None:  # a slow disk
+        entered.set()
+        release.wait(10)
+        persist(outbox)
+
+    monkeypatch.setattr(SpillingOutbox, "persist", slow_persist)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+    run = trainwire.init(url=f"http://127.0.0.1:{port}", max_memory_rows=100)
+    for step in range(1000):  # 100 rows held in memory, the rest spilled to the file
+        run.log({"x": float(step)})
+    finisher = threading.Thread(target=run.finish, kwargs={"timeout": 50 * MS})
+    finisher.start()
+    assert entered.wait(10)
+    finisher.join(1.0)
+    assert finisher.is_alive()  # its timeout and grace have passed: it waits for the disk
+    release.set()
+    finisher.join(10)
+    assert not finisher.is_alive()
+    server = LiveServer(data_dir=tmp_path / "server", port=port)
+    server.start()
+    try:
+        assert main(["sync", str(run.path), "--url", server.url]) == 0
+        assert stored_steps(server, run.id, "x") == list(range(1000))
+    finally:
+        server.stop()
+
+
 def test_a_refused_token_ends_finish_at_once_and_keeps_the_rows(
     live_server: LiveServer, caplog: pytest.LogCaptureFixture
 ) -> None:

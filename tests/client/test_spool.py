@@ -5,6 +5,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from trainwire.client import spool
 from trainwire.client.spool import SpillingOutbox, new_header
 from trainwire.exceptions import ConfigError
 from trainwire.protocol.messages import Batch, Finish, RunSpec
@@ -86,6 +87,69 @@ def test_the_bound_holds_once_what_was_in_memory_is_persisted_too(tmp_path: Path
     assert box.path.stat().st_size <= 800
     assert [item.seq for item in box.items(2, 100)] == list(range(2, seq + 1))
     box.close()
+
+
+def spilled_outbox(tmp_path: Path) -> tuple[SpillingOutbox, list[Batch]]:
+    """Items 1-4 in memory, 5-12 on disk, none acknowledged."""
+    box = outbox(tmp_path, memory_rows=8)
+    items = [batch(seq) for seq in range(1, 13)]
+    for item in items:
+        box.append(item)
+    assert box.spilled == 8
+    return box, items
+
+
+def test_persisting_puts_the_items_in_memory_first_and_reads_back_whole(
+    tmp_path: Path,
+) -> None:
+    box, items = spilled_outbox(tmp_path)
+    box.append(Finish(seq=13))
+    box.persist()
+    assert [item.seq for item in box.items(1, 100)] == list(range(1, 14))
+    box.append(batch(14))  # still writable after the file was replaced
+    box.close()
+    assert box.path.exists() and not box.path.with_name("s.twrun.partial").exists()
+    again = SpillingOutbox.open_existing(box.path)
+    assert again.items(1, 100) == [*items, Finish(seq=13), batch(14)]
+    assert again.header == new_header(SPEC, "s", None) and again.rows == 26
+    again.close()
+
+
+def test_persisting_copies_the_records_on_disk_without_decoding_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file near its bound holds millions of rows: decoded, they took about eight
+    times its size in memory, at the end of a long outage."""
+    box, _ = spilled_outbox(tmp_path)
+
+    class Refusing:
+        def decode(self, data: bytes) -> object:
+            raise AssertionError("persist() decoded a record from the file")
+
+    monkeypatch.setattr(spool, "_item_decoder", Refusing())
+    box.persist()
+    monkeypatch.undo()
+    assert [item.seq for item in box.items(1, 100)] == list(range(1, 13))
+    box.close()
+
+
+def test_a_failure_while_persisting_leaves_the_file_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    box, items = spilled_outbox(tmp_path)
+
+    def failing(src: object, dst: object) -> None:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(spool.os, "replace", failing)
+    with pytest.raises(OSError, match="disk gone"):
+        box.persist()
+    assert box.items(1, 100) == items  # what was in memory is still there
+    assert not box.path.with_name("s.twrun.partial").exists()
+    box.close()
+    again = SpillingOutbox.open_existing(box.path)
+    assert again.items(1, 100) == items[4:]  # what was on disk, untouched
+    again.close()
 
 
 def test_a_kept_file_reads_back_with_its_header_and_items(tmp_path: Path) -> None:

@@ -45,6 +45,12 @@ logger = logging.getLogger("trainwire.client")
 DEFAULT_FINISH_TIMEOUT: Final = 30.0
 DEFAULT_MEMORY_ROWS: Final = 100_000
 DEFAULT_DISK_BYTES: Final = 1 << 30
+# finish() waits this much past its timeout for the sender to end (a connection
+# attempt in progress is bounded by its own timeouts), and then, if the sender is
+# writing what it held in memory to the run file, up to SAVE_WAIT more: that is
+# local disk work, and a script that exits during it would lose those rows.
+SENDER_GRACE: Final = 1.0
+SAVE_WAIT: Final = 60.0
 
 
 class RunState(enum.Enum):
@@ -208,8 +214,8 @@ class Run:
         """End the run: deliver what was logged, then mark the run ``status``.
 
         Idempotent, and never raises. Waits at most ``timeout`` seconds for the
-        server to acknowledge; what is left undelivered stays in :attr:`path`, for
-        ``trainwire sync``.
+        server to acknowledge; what is left undelivered is written to :attr:`path`
+        (for ``trainwire sync``) before it returns.
         """
         with self._lock:
             if self.state is not RunState.RUNNING:
@@ -221,7 +227,9 @@ class Run:
         try:
             self._sender.close(status, timeout)
             if threading.current_thread() is not self._sender:  # finish() from a value's .item()
-                self._sender.join(timeout + 1.0)
+                self._sender.join(timeout + SENDER_GRACE)
+                if self._sender.is_alive() and self._sender.saving:
+                    self._sender.join(SAVE_WAIT)
             self._report()
         except Exception:  # finish() is called from the training script: never raise
             logger.warning("trainwire could not finish run %s cleanly", self.id, exc_info=True)

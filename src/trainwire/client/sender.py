@@ -121,6 +121,9 @@ class Sender(threading.Thread):
         self.dropped_values = 0
         self._last_step = -1
         self.refused: str | None = None
+        # True once the sender, out of time with the server away, writes what it
+        # holds to the run file: finish() then waits for it (Run.finish, SAVE_WAIT).
+        self.saving = False
         # Rows with steps of their own (system metrics): not part of the step count.
         self.system_queue: deque[LoggedRow] = deque()
         self.tensors = TensorResolver()
@@ -169,6 +172,7 @@ class Sender(threading.Thread):
                 if self.url is not None and not self.complete:
                     # Out of time with the server away (or refusing us): keep every
                     # undelivered row on disk, for `trainwire sync`.
+                    self.saving = True
                     if self._closing.is_set():
                         self._drain()
                     outbox.persist()

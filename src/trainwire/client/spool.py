@@ -224,24 +224,78 @@ class SpillingOutbox:
     def persist(self) -> None:
         """Write every undelivered item to the file, oldest first, and keep it: the
         process is ending with the server unreachable (or refusing), and what was
-        held in memory would be lost otherwise."""
+        held in memory would be lost otherwise.
+
+        The items in memory are older than those on disk, so they must come first.
+        With nothing undelivered on disk they are simply appended. Otherwise a new
+        file is written beside the old one and then replaces it. It gets the items
+        from memory, then the undelivered records from disk, copied as bytes and
+        never decoded: a file near its bound holds millions of rows, which, decoded,
+        took about eight times the file's size in memory.
+        """
+        self.keep = True
         if not self._memory:
-            self.keep = True
             return
-        first = self.first_seq
-        assert first is not None
-        items = self.items(first, len(self))
-        if self._file is not None:
-            self._file.truncate(self._data_start)
+        held = list(self._memory)
         self._memory.clear()
         self._memory_rows = 0
         self._memory_bytes = None
-        self._index.clear()
-        self._disk_rows = 0
         self.memory_rows = 0  # from now on, everything goes to the file
-        for item in items:
-            self.append(item)
-        self.keep = True
+        if not self._index:
+            if self._file is not None:
+                self._file.truncate(self._data_start)
+            for item in held:
+                self.append(item)
+            return
+        assert self._file is not None
+        partial = self.path.with_name(self.path.name + ".partial")
+        try:
+            data_start, index = self._rewrite(held, partial)
+            # Replaced while the old file is still open (POSIX): a failure up to here
+            # leaves the old file whole, and the items in memory where they were.
+            os.replace(partial, self.path)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            self._memory.extend(held)
+            self._memory_rows = sum(item.row_count for item in held)
+            raise
+        self._file.close()
+        self._file = open(self.path, "r+b")  # noqa: SIM115 - owned by the outbox
+        self._file.seek(0, os.SEEK_END)
+        self._data_start = data_start
+        self._index = index
+        self._disk_rows += sum(item.row_count for item in held)
+        self.spilled += len(held)
+
+    def _rewrite(
+        self, held: list[Sequenced], path: Path
+    ) -> tuple[int, deque[tuple[int, int, int, int]]]:
+        """Write ``held``, then the undelivered records on disk, to a new file at
+        ``path``; returns where its items start and its index."""
+        assert self._file is not None
+        start = self._index[0][1]
+        _, last_offset, last_size, _ = self._index[-1]
+        index: deque[tuple[int, int, int, int]] = deque()
+        with open(path, "wb") as new:
+            data_start = self._write_header(new)
+            for item in held:
+                body = _encoder.encode(item)
+                index.append((item.seq, new.tell(), len(body), item.row_count))
+                new.write(_LENGTH.pack(len(body)) + body)
+            shift = new.tell() - start
+            self._file.seek(start)
+            left = last_offset + _LENGTH.size + last_size - start
+            while left > 0:
+                chunk = self._file.read(min(left, 1 << 20))
+                if not chunk:
+                    raise OSError(f"{self.path} ended before its last record")
+                new.write(chunk)
+                left -= len(chunk)
+            new.flush()
+            os.fsync(new.fileno())  # on disk before it replaces the old file
+        self._file.seek(0, os.SEEK_END)
+        index.extend((seq, offset + shift, size, rows) for seq, offset, size, rows in self._index)
+        return data_start, index
 
     def close(self) -> None:
         """Close the file; delete it if it holds nothing undelivered (and not ``keep``)."""
@@ -256,12 +310,17 @@ class SpillingOutbox:
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "w+b")  # noqa: SIM115 - owned by the outbox
-            header = _encoder.encode(self.header)
-            self._file.write(MAGIC + _LENGTH.pack(len(header)) + header)
-            self._data_start = self._file.tell()
+            self._data_start = self._write_header(self._file)
             if self.keep:
                 logger.info("trainwire: writing run to %s", self.path)
         return self._file
+
+    def _write_header(self, handle: IO[bytes]) -> int:
+        """The magic line and the header, at the start of a new file; returns where
+        the items start."""
+        header = _encoder.encode(self.header)
+        handle.write(MAGIC + _LENGTH.pack(len(header)) + header)
+        return handle.tell()
 
 
 def _read_record(handle: IO[bytes]) -> bytes | None:
