@@ -316,7 +316,8 @@ class MachineLoad:
         self.loadavg = os.getloadavg()[0]
 
     def _own(self) -> float:
-        total = cpu_seconds("self")
+        children = os.times()  # subprocesses already ended (and waited for) are ours too
+        total = cpu_seconds("self") + children.children_user + children.children_system
         for pid in self.pids:
             with contextlib.suppress(OSError):
                 total += cpu_seconds(pid)
@@ -404,27 +405,38 @@ def http_get(url: str, path: str, token: str = TOKEN, timeout: float = 5.0) -> A
 
 @dataclass
 class ServerProcess:
-    """``python -m trainwire serve --port 0`` in its own process, default settings
-    otherwise; stdout and stderr go to ``data_dir/server.out``.
+    """``python -m trainwire serve`` in its own process, default settings otherwise;
+    stdout and stderr go to ``data_dir/server.out`` (``server-N.out`` for its Nth
+    life after the first: it may be killed and started again).
 
     Args:
-        data_dir: its data directory (made if missing).
+        data_dir: its data directory (made if missing), kept across lives.
         cpus: pin it to these CPUs (``os.sched_setaffinity`` before exec, as taskset).
+        port: 0 for any free port; a fixed one keeps the server's URL across lives.
     """
 
     data_dir: Path
     cpus: set[int] | None = None
+    port: int = 0
     token: str = TOKEN
     url: str = ""
+    lives: int = 0
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / ("server.out" if self.lives <= 1 else f"server-{self.lives}.out")
+
     def start(self) -> ServerProcess:
+        """Start it; returns once it answers ``GET /api/health``."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self.data_dir / "server.out"
+        self.lives += 1
+        self.url = ""
+        log_path = self.log_path
         cpus = self.cpus
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "trainwire", "serve", "--port", "0"]
+                [sys.executable, "-m", "trainwire", "serve", "--port", str(self.port)]
                 + ["--data", str(self.data_dir), "--token", self.token],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -458,6 +470,13 @@ class ServerProcess:
 
     def cpu(self) -> float:
         return cpu_seconds(self.pid)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no flush."""
+        assert self.proc is not None, "not running"
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+        self.proc = None
 
     def stop(self) -> None:
         if self.proc is None:

@@ -38,11 +38,7 @@ import logging
 import os
 import platform
 import random
-import secrets
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -60,7 +56,6 @@ from trainwire.storage import SQLiteStore
 RESULTS: Final = Path(__file__).resolve().parent / "results"
 TARGET: Final = "0 lost, 0 duplicated"
 POLL: Final = 0.02  # seconds between polls of the REST API while recovering
-READY_TIMEOUT: Final = 30.0
 RECOVERY_TIMEOUT: Final = 60.0
 FINISH_TIMEOUT: Final = 60.0
 
@@ -74,74 +69,9 @@ def train_step() -> None:
     hashlib.sha256(_WORK).digest()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-# The admin token each server of the bench is started with (TRAINWIRE_TOKEN), and
-# the trainer and the REST polls present.
-TOKEN: Final = secrets.token_urlsafe(24)
-
-
-def http_get(port: int, path: str, timeout: float = 5.0) -> Any:
+def http_get(server: c.ServerProcess, path: str, timeout: float = 5.0) -> Any:
     """GET a JSON document from the server; None if it does not answer (yet)."""
-    return c.http_get(f"http://127.0.0.1:{port}", path, TOKEN, timeout)
-
-
-class Server:
-    """The server as a child process, on one port and data directory for all its lives."""
-
-    def __init__(self, port: int, data_dir: Path, log_dir: Path) -> None:
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        self.data_dir = data_dir
-        self.log_dir = log_dir
-        self.lives = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> float:
-        """Start it; returns the time it answered ``/api/health``."""
-        self.lives += 1
-        with open(self.log_dir / f"server-{self.lives}.log", "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "trainwire", "serve", "--port", str(self.port)]
-                + ["--data", str(self.data_dir)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.log_dir,
-                env={**os.environ, "TRAINWIRE_TOKEN": TOKEN},
-            )
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; see {log.name}")
-            health = http_get(self.port, "/api/health", timeout=1.0)
-            if health is not None and health.get("app") == "trainwire":
-                return time.monotonic()
-            time.sleep(POLL)  # another process: nothing to wait on but its answer
-        raise RuntimeError(f"server did not answer in {READY_TIMEOUT:g} s")
-
-    def kill(self) -> float:
-        """SIGKILL; returns the time it was sent."""
-        assert self.proc is not None
-        at = time.monotonic()
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-        self.proc = None
-        return at
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
-            self.proc = None
+    return c.http_get(server.url, path, server.token, timeout)
 
 
 @dataclass
@@ -192,7 +122,9 @@ class Killer(threading.Thread):
     """Kills the server when the trainer reaches each chosen step, restarts it, and
     times its recovery; the trainer never waits for it."""
 
-    def __init__(self, server: Server, at_steps: list[int], run_id: str, trial: Trial) -> None:
+    def __init__(
+        self, server: c.ServerProcess, at_steps: list[int], run_id: str, trial: Trial
+    ) -> None:
         super().__init__(name="killer", daemon=True)
         self.server = server
         self.at_steps = at_steps
@@ -213,8 +145,10 @@ class Killer(threading.Thread):
             for step in self.at_steps:
                 self._reached[step].wait()
                 trainer_step = self.logged - 1
-                killed = self.server.kill()
-                ready = self.server.start()
+                killed = time.monotonic()
+                self.server.kill()
+                self.server.start()
+                ready = time.monotonic()
                 target = self.logged  # everything logged before the server was back
                 recovered = self._wait_stored(target)
                 self.trial.kills.append(
@@ -232,7 +166,7 @@ class Killer(threading.Thread):
         deadline = time.monotonic() + RECOVERY_TIMEOUT
         path = f"/api/runs/{self.run_id}/metrics?keys=x"
         while time.monotonic() < deadline:
-            metrics = http_get(self.server.port, path)
+            metrics = http_get(self.server, path)
             series = (metrics or {}).get("series", {})
             if len(series.get("x", {}).get("step", [])) >= count:
                 return time.monotonic()
@@ -247,7 +181,7 @@ def run_trial(number: int, seed: int, steps: int, kills: int, workdir: Path) -> 
     at_steps = sorted(rng.sample(range(margin, steps - margin), kills))
     # The client's run file (its spill while the server is down) goes here too.
     os.environ["TRAINWIRE_DATA"] = str(workdir / "client")
-    server = Server(free_port(), workdir / "server", workdir)
+    server = c.ServerProcess(workdir / "server", port=c.free_port())
     started = time.monotonic()
     run: trainwire.Run | None = None
     try:
@@ -256,7 +190,7 @@ def run_trial(number: int, seed: int, steps: int, kills: int, workdir: Path) -> 
             project="bench-faults",
             name=f"trial-{number}",
             url=server.url,
-            token=TOKEN,
+            token=server.token,
             flush_interval=0.005,
         )
         trial.run_id = run.id
@@ -373,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="trainwire-bench-") as tmp:
             trial = run_trial(number, args.seed + number - 1, args.steps, args.kills, Path(tmp))
             if not trial.ok:  # keep the server logs of a trial that fell short
-                for log in Path(tmp).glob("server-*.log"):
+                for log in (Path(tmp) / "server").glob("server*.out"):
                     shutil.copy(log, RESULTS / f"faults-trial{number}-{log.name}")
         trials.append(trial)
         print(
