@@ -73,28 +73,47 @@ def lockstep() -> ModuleType:
     return module
 
 
-def turns(plain: float, logging: float, n: int = 40) -> list[tuple[float, float]]:
-    # Turn times that wobble alike in both processes, as the machine's drift does.
-    return [(plain * (1 + 0.01 * (i % 5)), logging * (1 + 0.01 * (i % 5))) for i in range(n)]
+def rounds(plain: float, logged: float, spin: float, n: int = 40) -> list[dict[str, float]]:
+    # Turn times that wobble alike in every process, as the machine's drift does.
+    return [
+        {"plain": plain * w, "log": logged * w, "spin": spin * w}
+        for w in (1 + 0.01 * (i % 5) for i in range(n))
+    ]
+
+
+ROLES = ("plain", "log", "spin")
+
+
+def cycle(
+    bias: tuple[float, float, float], logs: float, spins: float
+) -> list[list[dict[str, float]]]:
+    """Three epochs: worker i, of speed bias[i], takes role (i + epoch) % 3."""
+    epochs = []
+    for epoch in range(3):
+        speed = {role: bias[(role_index - epoch) % 3] for role_index, role in enumerate(ROLES)}
+        epochs.append(rounds(speed["plain"], speed["log"] * logs, speed["spin"] * spins))
+    return epochs
 
 
 def test_the_lockstep_estimate_cancels_each_processs_own_bias(lockstep: ModuleType) -> None:
-    """Process 1 runs 3% slower whatever it does; logging costs 1%. Who logs swaps
-    every epoch: the bias cancels out of the estimate, not out of any one epoch."""
-    fast, slow = 1.0, 1.03
-    epochs = [turns(fast, slow * 1.01), turns(slow, fast * 1.01)] * 2
-    assert lockstep.slowdown(epochs[:1]) == pytest.approx(4.03)
-    assert lockstep.slowdown(epochs) == pytest.approx(1.0)
+    """The processes run 3% and 5% apart whatever they do; logging costs 1%. The
+    roles rotate every epoch: the bias cancels out of a whole cycle, not out of an
+    epoch."""
+    assert lockstep.ROLES == ROLES
+    epochs = cycle((1.0, 1.03, 1.05), logs=1.01, spins=1.02)
+    assert lockstep.slowdown(epochs[:1], "log") != pytest.approx(1.0, abs=0.5)
+    assert lockstep.slowdown(epochs, "log") == pytest.approx(1.0)
+    assert lockstep.slowdown(epochs, "spin") == pytest.approx(2.0)
 
 
-def test_the_scaled_figure_carries_the_calibrations_noise(lockstep: ModuleType) -> None:
-    """A known 1% that reads 2% halves the figure; a calibration that varies from
-    one role swap to the next widens its interval, though each epoch is steady."""
-    logged = [turns(1.0, 1.016), turns(1.0, 1.016)] * 2
-    steady = [turns(1.0, 1.02), turns(1.0, 1.02)] * 2
-    drifting = [turns(1.0, 1.01), turns(1.0, 1.01), turns(1.0, 1.03), turns(1.0, 1.03)]
-    value, low, high = lockstep.scaled_interval(logged, steady, 1.0)
-    assert value == pytest.approx(0.8) and high - low == pytest.approx(0.0, abs=1e-9)
-    value, low, high = lockstep.scaled_interval(logged, drifting, 1.0)
-    assert value == pytest.approx(0.8, rel=0.02)
-    assert low < 0.6 and high > 1.5  # 1.6% over a known 1% that read 1% or 3%
+def test_the_scaled_figure_carries_both_readings_noise(lockstep: ModuleType) -> None:
+    """A known 1% that reads 2% halves the figure; a reading that moves from one cycle
+    to the next widens the interval, though every epoch is steady."""
+    steady = cycle((1.0, 1.03, 1.05), logs=1.016, spins=1.02) * 2
+    found = lockstep.estimates(steady, 1.0)
+    assert found["scaled"] == pytest.approx(0.8)
+    assert found["scaled_high"] - found["scaled_low"] == pytest.approx(0.0, abs=1e-9)
+    drifting = cycle((1.0, 1.03, 1.05), 1.016, 1.01) + cycle((1.0, 1.03, 1.05), 1.016, 1.03)
+    found = lockstep.estimates(drifting, 1.0)
+    assert found["spin_low"] == pytest.approx(1.0) and found["spin_high"] == pytest.approx(3.0)
+    assert found["scaled_low"] < 0.6 and found["scaled_high"] > 1.5
