@@ -11,7 +11,7 @@ compute the same values (the accuracy is computed in A too); both start from the
 same seed, so they do the same arithmetic. The runs alternate A, B, A, B, ... after
 one warm-up pair; the figure is median(B) / median(A) - 1 over the training loop's
 wall time (``init()`` and ``finish()`` are outside it and reported apart). The
-noise is the spread of the A runs, (max - min) / median: a figure nearer the target
+noise is the larger spread of the A or the B runs, (max - min) / median: a figure nearer the target
 than that is "unresolved", since the machine alone moves it by more. Beside it, a
 figure the drift does not blur: the share of each loop's wall time its thread spent
 off the CPU (``time.thread_time`` against wall time), B minus A. That is the time
@@ -209,13 +209,16 @@ def main(argv: list[str] | None = None) -> int:
     steps = epochs * steps_per_epoch // 2
     overhead = (c.median(b) / c.median(a) - 1) * 100
     paired = c.median([(tb / ta - 1) * 100 for ta, tb in zip(a, b, strict=True)])
-    noise = c.spread(a) * 100
+    # The runs of either kind move by this much with nothing changed between them: a
+    # difference of medians is no better than the noisier of the two (on 2026-11-28 a
+    # quick run "passed" at -9.4%, within B's own spread).
+    noise = max(c.spread(a), c.spread(b)) * 100
     per_step_us = (c.median(b) - c.median(a)) / steps * 1e6
     print()
     print(
         f"  A median {c.median(a):.3f} s, B median {c.median(b):.3f} s over {steps} steps:"
         f" {overhead:+.2f}% ({per_step_us:+.1f} µs per step); median of paired"
-        f" differences {paired:+.2f}%; noise (spread of A) {noise:.2f}%,"
+        f" differences {paired:+.2f}%; noise (spread of A or B, the larger) {noise:.2f}%,"
         f" spread of B {c.spread(b) * 100:.2f}%"
     )
     waits = {k: c.median(v[-pairs:]) * 100 for k, v in off_cpu.items()}  # not the warm-up
@@ -251,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             overhead,
             "%",
             TARGET_PERCENT,
-            note=f"noise (spread of {pairs} baseline runs) {noise:.2f}%;"
+            note=f"noise (spread of {pairs} runs of A or B, the larger) {noise:.2f}%;"
             f" paired median {paired:+.2f}%; {per_step_us:+.1f} µs/step",
             noise=noise,
         ),
