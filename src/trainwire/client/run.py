@@ -27,7 +27,7 @@ import msgspec
 from trainwire import __version__
 from trainwire.client import environment
 from trainwire.client.local import ensure_local_server, local_token
-from trainwire.client.sender import LoggedRow, Sender
+from trainwire.client.sender import OPEN_TIMEOUT, LoggedRow, Sender
 from trainwire.client.spool import SpillingOutbox, new_header
 from trainwire.client.system import SystemSampler
 from trainwire.client.tensors import read_cpu_scalars
@@ -45,11 +45,12 @@ logger = logging.getLogger("trainwire.client")
 DEFAULT_FINISH_TIMEOUT: Final = 30.0
 DEFAULT_MEMORY_ROWS: Final = 100_000
 DEFAULT_DISK_BYTES: Final = 1 << 30
-# finish() waits this much past its timeout for the sender to end (a connection
-# attempt in progress is bounded by its own timeouts), and then, if the sender is
-# writing what it held in memory to the run file, up to SAVE_WAIT more: that is
-# local disk work, and a script that exits during it would lose those rows.
-SENDER_GRACE: Final = 1.0
+# finish() waits this much past its timeout for the sender to end: long enough for a
+# connection attempt under way at the deadline (OPEN_TIMEOUT) to give up, so that the
+# sender is saving by then if it must. Then, while it writes what it held in memory
+# to the run file, up to SAVE_WAIT more: that is local disk work, and a script that
+# exits during it would lose those rows.
+SENDER_GRACE: Final = OPEN_TIMEOUT + 1.0
 SAVE_WAIT: Final = 60.0
 
 

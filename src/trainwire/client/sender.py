@@ -29,7 +29,7 @@ from trainwire.protocol.batching import Backoff
 from trainwire.protocol.messages import FinishStatus, Row
 from trainwire.protocol.session import ClientSession
 
-__all__ = ["LoggedRow", "Sender"]
+__all__ = ["OPEN_TIMEOUT", "LoggedRow", "Sender"]
 
 logger = logging.getLogger("trainwire.client")
 
@@ -41,7 +41,7 @@ LoggedRow = (
     tuple[int | None, float, dict[str, Any]] | tuple[int | None, float, dict[str, Any], bool]
 )
 
-_OPEN_TIMEOUT: Final = 5.0
+OPEN_TIMEOUT: Final = 5.0
 # A connection that stops answering (a cable pulled, a NAT entry gone, a blackholing
 # firewall) is given up within PING_INTERVAL + PING_TIMEOUT seconds (5 s) and
 # replaced at once: a dead link cannot complete a closing handshake, so it gets none.
@@ -254,7 +254,8 @@ class Sender(threading.Thread):
             url,
             self.headers,
             ssl_context=tls_context() if url.startswith("wss:") else None,
-            open_timeout=_OPEN_TIMEOUT,
+            # Once closing, no longer than the time left (finish() waits out the rest).
+            open_timeout=min(OPEN_TIMEOUT, max(self._time_left(), 0.1)),
             ping_interval=PING_INTERVAL,
             ping_timeout=PING_TIMEOUT,
             close_timeout=CLOSE_TIMEOUT,

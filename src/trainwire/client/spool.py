@@ -236,7 +236,7 @@ class SpillingOutbox:
         self.keep = True
         if not self._memory:
             return
-        held = list(self._memory)
+        held, held_rows = list(self._memory), self._memory_rows
         self._memory.clear()
         self._memory_rows = 0
         self._memory_bytes = None
@@ -257,14 +257,14 @@ class SpillingOutbox:
         except BaseException:
             partial.unlink(missing_ok=True)
             self._memory.extend(held)
-            self._memory_rows = sum(item.row_count for item in held)
+            self._memory_rows = held_rows
             raise
         self._file.close()
         self._file = open(self.path, "r+b")  # noqa: SIM115 - owned by the outbox
         self._file.seek(0, os.SEEK_END)
         self._data_start = data_start
         self._index = index
-        self._disk_rows += sum(item.row_count for item in held)
+        self._disk_rows += held_rows
         self.spilled += len(held)
 
     def _rewrite(
