@@ -250,7 +250,7 @@ def estimates(epochs: Epochs, percent: float) -> dict[str, float]:
         "spin": known,
         "scaled": slowdown(epochs, "log") * percent / known if known > 0 else math.nan,
     }
-    result = {}
+    result: dict[str, float] = {}
     for key, value in found.items():
         low, high = interval(replicates[key]) if replicates[key] else (math.nan, math.nan)
         result |= {key: value, f"{key}_low": low, f"{key}_high": high}

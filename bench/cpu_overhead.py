@@ -108,7 +108,7 @@ class Task:
                 loss.backward()
                 optimizer.step()
                 acc = (out.argmax(1) == yb).float().mean().item()
-                yield step, loss, acc, schedule.get_last_lr()[0]
+                yield step, loss, acc, float(schedule.get_last_lr()[0])
                 step += 1
             schedule.step()
 

@@ -105,7 +105,8 @@ def trainer(
         compression=None,
     ) as ws:
         ws.send(_encoder.encode(hello))
-        assert isinstance(decoder.decode(ws.recv(timeout=30)), Welcome)
+        welcome = ws.recv(timeout=30)
+        assert isinstance(welcome, bytes) and isinstance(decoder.decode(welcome), Welcome)
 
         def drain_acks() -> None:  # acks unread would stall the server's sends
             try:
@@ -181,7 +182,7 @@ class Dashboard(asyncio.Protocol):
                     return
                 self.ws.send_text(SUBSCRIBE)
             elif isinstance(event, Frame) and event.opcode is Opcode.TEXT:
-                self._frame(event.data, now)
+                self._frame(bytes(event.data), now)
         self._flush()
 
     def _frame(self, text: bytes, now: float) -> None:
@@ -328,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             daemon=True,
         )
         process.start()
+        assert process.pid is not None
         c.pin({1})
         load = c.MachineLoad([server.pid, process.pid])
         result = asyncio.run(

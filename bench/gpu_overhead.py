@@ -181,8 +181,12 @@ class Trainwire(Method):
     def start(self) -> None:
         import trainwire
 
-        mode = "online" if self.url else "offline"
-        self.run = trainwire.init(project="bench-gpu", url=self.url, token=self.token, mode=mode)
+        self.run = trainwire.init(
+            project="bench-gpu",
+            url=self.url,
+            token=self.token,
+            mode="online" if self.url else "offline",
+        )
 
     def after_step(self, step: int, loss: torch.Tensor, lr: float) -> None:
         self.run.log({"train/loss": loss, "lr": lr}, step=step)

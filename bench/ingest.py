@@ -108,7 +108,9 @@ class Trainer:
                 open_timeout=30,
             ) as ws:
                 ws.send(self.hello)
-                welcome = _decoder.decode(ws.recv(timeout=30))
+                answer = ws.recv(timeout=30)
+                assert isinstance(answer, bytes), answer
+                welcome = _decoder.decode(answer)
                 assert isinstance(welcome, Welcome), welcome
                 room = threading.Semaphore(WINDOW)
                 sent = [0]

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             drain_s = wait_delivered(run)
             log_us = sorted(v / 1000 for v in log_ns)
             base_us = sorted(v / 1000 for v in base_ns)
-            entry = {
+            entry: dict[str, Any] = {
                 "round": number,
                 "log_us": c.distribution(log_us),
                 "append_us": c.distribution(base_us),
