@@ -24,8 +24,10 @@ share.
 
 Each worker runs a third of the wall time, so wall-clock timers would fire three
 times as often per second of its own running: the logging process's flush pacing,
-idle wait and system sampler interval are stretched to keep them per second of its
-own run time.
+idle wait, ack reads, keepalive pings and system sampler interval are stretched to
+keep them per second of its own run time (before 2026-11-28, later, the ack reads
+and pings were not: three times as many, each a cold wake of the sender's socket
+code). The sender thread's CPU in the logging turns is printed beside the figures.
 
 Two loops (``cpu_overhead.LOOPS``): "loader", a DataLoader loop at the step time of
 the loop the issue's anchors were measured on (1.65 ms), and "index", which slices
@@ -85,7 +87,10 @@ def worker(url: str, loop: str) -> None:
     sender_module.Sender.interval_for = lambda self, rate: (  # type: ignore[method-assign]
         WORKERS * interval_for(self, WORKERS * rate)
     )
-    sender_module.IDLE_WAIT = WORKERS * sender_module.IDLE_WAIT  # type: ignore[misc]
+    # Every other wall-clock timer of the sender too: acks read every 0.5 s and pings
+    # every 2 s of wall time would come three times as often per second of its run.
+    for timer in ("IDLE_WAIT", "ACK_READ_INTERVAL", "PING_INTERVAL", "PING_TIMEOUT"):
+        setattr(sender_module, timer, WORKERS * getattr(sender_module, timer))
     sampler_init = system_module.SystemSampler.__init__
 
     def slow_sampler(self: Any, emit: Any, interval: float = 1.0) -> None:
@@ -117,6 +122,7 @@ def worker(url: str, loop: str) -> None:
                 run = None
             print(answer, flush=True)
             continue
+        sender_started = c.thread_cpu_seconds(run._sender) if run is not None else 0.0
         started = time.perf_counter()
         if run is not None:
             for step, loss, acc, lr in itertools.islice(steps, STEPS_PER_TURN):
@@ -129,7 +135,10 @@ def worker(url: str, loop: str) -> None:
         else:
             for _ in itertools.islice(steps, STEPS_PER_TURN):
                 pass
-        print(time.perf_counter() - started, flush=True)
+        elapsed = time.perf_counter() - started
+        # The sender's CPU in this turn: what trainwire's thread took from the loop's core.
+        sender_s = c.thread_cpu_seconds(run._sender) - sender_started if run is not None else 0.0
+        print(elapsed, sender_s, flush=True)
 
 
 # -- the coordinator ------------------------------------------------------------------
@@ -161,6 +170,12 @@ class Worker:
         self._stopped()
         return answer
 
+    def turn(self) -> tuple[float, float]:
+        """One turn: its wall time, and the CPU its sender thread took in it (0 unless
+        logging), in seconds."""
+        elapsed, sender = self.command("turn").split()
+        return float(elapsed), float(sender)
+
     def close(self) -> None:
         self.process.kill()
         self.process.wait()
@@ -169,14 +184,14 @@ class Worker:
                 stream.close()
 
 
-Round = dict[str, float]  # role -> the wall time of its turn
+Round = dict[str, float]  # role -> the wall time of its turn; "sender": the sender's CPU
 Epochs = list[list[Round]]
 
 
 def step_seconds(workers: list[Worker], turns: int) -> float:
     """The loop's step time, all plain: the calibration's busy wait is 1% of it."""
     assign(workers, None, 0.0)
-    times = [float(w.command("turn")) for _ in range(turns) for w in workers]
+    times = [w.turn()[0] for _ in range(turns) for w in workers]
     return c.median(times) / STEPS_PER_TURN
 
 
@@ -186,12 +201,18 @@ def epochs_of(workers: list[Worker], epochs: int, turns: int, spin_s: float) -> 
     for epoch in range(epochs):
         roles = assign(workers, epoch, spin_s)
         for worker in workers:  # a warm-up turn each
-            worker.command("turn")
+            worker.turn()
         rounds = []
         for turn in range(turns):
             first = turn % WORKERS  # who goes first rotates too
             order = workers[first:] + workers[:first]
-            rounds.append({roles[id(w)]: float(w.command("turn")) for w in order})
+            round_: Round = {}
+            for worker in order:
+                elapsed, sender = worker.turn()
+                round_[roles[id(worker)]] = elapsed
+                if roles[id(worker)] == "log":
+                    round_["sender"] = sender
+            rounds.append(round_)
         results.append(rounds)
     assign(workers, None, spin_s)  # the last run ends, and must be delivered too
     return results
@@ -215,6 +236,12 @@ def slowdown(epochs: Epochs, role: str) -> float:
     process has taken each role as often (whole cycles of epochs)."""
     logs = [math.log(sum(r[role] for r in e) / sum(r["plain"] for r in e)) for e in epochs]
     return (math.exp(sum(logs) / len(logs)) - 1) * 100
+
+
+def sender_cpu_us(epochs: Epochs) -> float:
+    """The logging process's sender thread: µs of CPU per step, over every turn."""
+    turns = [r["sender"] for e in epochs for r in e]
+    return sum(turns) / (len(turns) * STEPS_PER_TURN) * 1e6 if turns else math.nan
 
 
 def resample(epochs: Epochs, rng: random.Random) -> Epochs:
@@ -288,6 +315,8 @@ def measure_loop(
         f" {found['scaled_low']:+.2f} to {found['scaled_high']:+.2f})",
         flush=True,
     )
+    sender_us = sender_cpu_us(results)
+    print(f"    trainwire's sender thread: {sender_us:.1f} µs of CPU a step", flush=True)
     # The verdict's noise: the side of the interval that faces the target, so that a
     # pass or a shortfall is called only when the whole interval is clear of it.
     if found["scaled"] > TARGET_PERCENT:
@@ -304,7 +333,11 @@ def measure_loop(
         f" ({found['spin_low']:+.2f} to {found['spin_high']:+.2f}); {step_s * 1e6:.0f} µs a step",
         noise=half_width,
     )
-    return check, found | {"step_us": step_s * 1e6, "spin_us": spin_s * 1e6}
+    return check, found | {
+        "step_us": step_s * 1e6,
+        "spin_us": spin_s * 1e6,
+        "sender_cpu_us": sender_us,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

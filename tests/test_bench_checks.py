@@ -117,3 +117,10 @@ def test_the_scaled_figure_carries_both_readings_noise(lockstep: ModuleType) -> 
     found = lockstep.estimates(drifting, 1.0)
     assert found["spin_low"] == pytest.approx(1.0) and found["spin_high"] == pytest.approx(3.0)
     assert found["scaled_low"] < 0.6 and found["scaled_high"] > 1.5
+
+
+def test_the_senders_cpu_is_per_step_over_every_logging_turn(lockstep: ModuleType) -> None:
+    """The sender's CPU, summed over the logging turns, per step trained in them."""
+    epochs = [[{"plain": 1.0, "log": 1.0, "spin": 1.0, "sender": cpu} for cpu in (1e-3, 3e-3)]]
+    per_step = 2e-3 / lockstep.STEPS_PER_TURN * 1e6
+    assert lockstep.sender_cpu_us(epochs) == pytest.approx(per_step)
