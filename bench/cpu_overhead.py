@@ -1,3 +1,5 @@
+# mypy: disallow-untyped-calls=False
+# (torch's autograd calls, backward() and cuda.Event(), are untyped.)
 """How much slower a CPU training loop runs when it logs every step with trainwire.
 
 Target: a small MLP on scikit-learn's digits, ``torch.set_num_threads(1)``, logging

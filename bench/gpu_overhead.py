@@ -1,3 +1,5 @@
+# mypy: disallow-untyped-calls=False
+# (torch's autograd calls, backward() and cuda.Event(), are untyped.)
 """Step-time overhead of logging every step, on a GPU (issue 5, target 3).
 
 Reproduces the anchor table of issue 5 with trainwire as a column:
