@@ -1,6 +1,19 @@
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from trainwire.protocol.messages import RunInfo, RunSpec
+from trainwire.server.app import reap_crashed_runs
+from trainwire.server.bus import BusEvent, MemoryBus, RunChanged
 from trainwire.server.watch import RunWatch
+from trainwire.storage import SQLiteStore, Store
+
+SPEC = RunSpec(id="r1", project="p", name="n")
 
 
 def test_a_run_with_a_live_connection_is_never_overdue() -> None:
@@ -25,3 +38,64 @@ def test_runs_found_running_at_startup_get_the_timeout_to_come_back() -> None:
     assert watch.overdue(["old"], now=59) == []
     assert watch.overdue(["old"], now=61) == ["old"]
     watch.forget("old")
+
+
+async def first_announcement(store: Store, watch: RunWatch) -> RunInfo:
+    """Run the reaper until it announces a run to the dashboards: that run."""
+    bus = MemoryBus()
+    announced: asyncio.Future[RunInfo] = asyncio.get_running_loop().create_future()
+
+    def on_event(event: BusEvent) -> None:
+        if isinstance(event, RunChanged) and not announced.done():
+            announced.set_result(event.run)
+
+    bus.subscribe(on_event)
+    reaper = asyncio.create_task(reap_crashed_runs(store, bus, watch))
+    waiting: set[asyncio.Future[Any]] = {reaper, announced}
+    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    if reaper.done():
+        reaper.result()  # raises what ended it
+    reaper.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await reaper
+    return announced.result()
+
+
+def test_the_reaper_marks_crashed_a_run_whose_trainers_are_gone(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    store.open_run(SPEC, "gone", now=1.0)
+    watch = RunWatch(timeout=0.0, now=0.0)
+    announced = asyncio.run(first_announcement(store, watch))
+    assert announced.status == "crashed"
+    assert store.running_runs() == []
+    store.close()
+
+
+class HelloDuringTheReap(SQLiteStore):
+    """The real store, where a trainer's hello, as ingest makes it (counted connected,
+    then its stream opened), lands while the reaper's mark_crashed is in its thread."""
+
+    def __init__(self, path: Path, watch: RunWatch, stream: str) -> None:
+        super().__init__(path)
+        self.watch = watch
+        self.stream = stream
+
+    def mark_crashed(self, run_id: str, now: float) -> RunInfo | None:
+        self.watch.connected(run_id)
+        self.open_run(SPEC, self.stream, now)
+        return super().mark_crashed(run_id, now)
+
+
+@pytest.mark.parametrize("stream", ["vanished", "another"])
+def test_a_trainer_that_says_hello_as_the_reaper_writes_keeps_its_run_running(
+    tmp_path: Path, stream: str
+) -> None:
+    # Back on the stream that vanished (the same process, reconnected), or on another.
+    watch = RunWatch(timeout=0.0, now=0.0)
+    store = HelloDuringTheReap(tmp_path / "t.db", watch, stream)
+    store.open_run(SPEC, "vanished", now=1.0)
+    announced = asyncio.run(first_announcement(store, watch))
+    # A trainer is connected and streaming: neither storage nor dashboards say crashed.
+    assert announced.status == "running"
+    assert store.running_runs() == ["r1"]
+    store.close()

@@ -153,6 +153,21 @@ def test_a_run_is_finished_when_every_stream_is_and_crashed_if_one_vanished(
     assert info is not None and info.status == "finished"
 
 
+def test_reviving_a_run_undoes_mark_crashed_and_a_finished_stream_stays_finished(
+    tmp_path: Path,
+) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    store.open_run(SPEC, "a", now=1.0)
+    store.open_run(SPEC, "b", now=1.0)
+    store.set_status("r1", "a", "finished", seq=1, now=2.0)
+    store.mark_crashed("r1", now=3.0)
+    info = store.revive("r1", now=4.0)
+    assert info is not None and info.status == "running"
+    assert store.running_runs() == ["r1"]
+    info = store.set_status("r1", "b", "finished", seq=1, now=5.0)
+    assert info is not None and info.status == "finished"  # "a" was not revived
+
+
 # -- chunks: compaction, history, summary --------------------------------------------------
 
 Logged = tuple[int, str, int, float, float]  # commit, key, step, time, value
@@ -298,6 +313,20 @@ def test_history_is_every_point_of_the_range_sorted_by_step(
     got = series["x"]
     assert list(zip(got.step, got.time, strict=True)) == [(s, float(i)) for s, i in expected]
     assert got.value == got.time and not got.sampled
+    store.close()
+
+
+def test_history_is_sorted_by_step_when_a_step_goes_back_by_more_than_2_63(
+    tmp_path: Path,
+) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    store.open_run(SPEC, "s", now=1.0)
+    big, small = 2**62 + 1, -(2**62)  # big - small > 2**63 - 1: a difference would wrap
+    rows = [(big, 1.0, {"x": 1.0}), (small, 2.0, {"x": 2.0})]
+    store.append_batch("r1", "s", Batch(seq=1, rows=rows), now=1.0)
+    _, series = store.history("r1")
+    assert series["x"].step == [small, big]
+    assert series["x"].value == [2.0, 1.0]
     store.close()
 
 

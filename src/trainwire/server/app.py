@@ -36,9 +36,19 @@ async def reap_crashed_runs(store: Store, bus: Bus, watch: RunWatch) -> None:
         running = await run_in_threadpool(store.running_runs)
         for run_id in watch.overdue(running, time.time()):
             info = await run_in_threadpool(store.mark_crashed, run_id, time.time())
-            watch.forget(run_id)
+            if not watch.overdue([run_id], time.time()):
+                # A trainer said hello while mark_crashed ran in its thread, and the
+                # write may have caught the stream it opened: undone, as if the hello
+                # had come first. Ingest counts a trainer connected before it opens
+                # the stream, so no such hello goes unseen here. (Cheaper than a lock
+                # that would queue every hello behind the reaper: a second write, only
+                # in this race.)
+                info = await run_in_threadpool(store.revive, run_id, time.time())
+            else:
+                watch.forget(run_id)
+                if info is not None:
+                    logger.warning("run %s crashed: no trainer for %g s", run_id, watch.timeout)
             if info is not None:
-                logger.warning("run %s crashed: no trainer for %g s", run_id, watch.timeout)
                 await bus.publish(RunChanged(info))
 
 

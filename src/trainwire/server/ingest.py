@@ -141,13 +141,21 @@ async def _handle(
             ):
                 limit = context.new_runs.limit
                 raise ProtocolError(f"more than {limit} new runs a minute", code=1008)
-            last_seq = await run_in_threadpool(store.open_run, spec, stream, time.time())
+            # Connected before the stream is opened: the reaper, which checks the watch
+            # again after marking a run crashed, then sees every trainer whose stream
+            # its write could have caught (see reap_crashed_runs).
+            context.watch.connected(spec.id)
+            try:
+                last_seq = await run_in_threadpool(store.open_run, spec, stream, time.time())
+                keys = await run_in_threadpool(store.keys, spec.id)
+            except BaseException:
+                # serve_trainer disconnects only a session with an open run.
+                context.watch.disconnected(spec.id, time.time())
+                raise
             prefix = "" if rank is None else f"rank{rank}/"
-            keys = await run_in_threadpool(store.keys, spec.id)
             session.run_opened(
                 message, last_seq, [k.removeprefix(prefix) for k in keys if k.startswith(prefix)]
             )
-            context.watch.connected(spec.id)
             run = await run_in_threadpool(store.get_run, spec.id)
             if run is not None:
                 context.run_updates.announced(spec.id, time.monotonic())

@@ -70,6 +70,11 @@ class Store(Protocol):
         """Every stream of the run still running has vanished: the run crashed."""
         ...
 
+    def revive(self, run_id: str, now: float) -> RunInfo | None:
+        """Undo :meth:`mark_crashed`: every crashed stream of the run runs again (a
+        finished one stays finished), and so does the run."""
+        ...
+
     def delete_run(self, run_id: str) -> bool:
         """Delete a run and all its points; False if there was none."""
         ...

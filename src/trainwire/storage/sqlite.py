@@ -247,6 +247,14 @@ class SQLiteStore:
             )
             return self._settle_status(run_id, now)
 
+    def revive(self, run_id: str, now: float) -> RunInfo | None:
+        with self._lock, self._transaction():
+            self._db.execute(
+                "UPDATE streams SET status = ? WHERE run_id = ? AND status = ?",
+                (RunStatus.RUNNING, run_id, RunStatus.CRASHED),
+            )
+            return self._settle_status(run_id, now)
+
     def delete_run(self, run_id: str) -> bool:
         with self._lock, self._transaction():
             self._db.execute(
@@ -256,9 +264,11 @@ class SQLiteStore:
             self._db.execute("DELETE FROM series WHERE run_id = ?", (run_id,))
             self._db.execute("DELETE FROM streams WHERE run_id = ?", (run_id,))
             deleted = self._db.execute("DELETE FROM runs WHERE id = ?", (run_id,)).rowcount > 0
-        self._series_ids = {k: v for k, v in self._series_ids.items() if k[0] != run_id}
-        # Series ids may be reused once deleted: forget every tail, to be counted afresh.
-        self._small_tails.clear()
+            # Under the lock: a writer in between could otherwise still find a deleted
+            # series id here, or a tail counted for it, once SQLite hands the id out again.
+            self._series_ids = {k: v for k, v in self._series_ids.items() if k[0] != run_id}
+            # Series ids may be reused once deleted: forget every tail, to be counted afresh.
+            self._small_tails.clear()
         return deleted
 
     def running_runs(self) -> list[str]:
@@ -601,7 +611,8 @@ def _sampled(
         inside = (steps >= lo) & (steps <= hi)
         if not inside.all():
             steps, times, values = steps[inside], times[inside], values[inside]
-    if len(steps) > 1 and (np.diff(steps) < 0).any():
+    # Compared, not subtracted: np.diff wraps around for steps more than 2**63 - 1 apart.
+    if (steps[1:] < steps[:-1]).any():
         # Logged out of order (a resumed run, an uploaded file): stable, so points of
         # the same step stay in logging order.
         order = np.argsort(steps, kind="stable")
