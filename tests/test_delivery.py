@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -15,8 +16,9 @@ import pytest
 from websockets.sync.client import connect
 
 import trainwire
-from tests.conftest import MS, LiveServer
+from tests.conftest import MS, LiveServer, wait_until
 from trainwire.cli import main
+from trainwire.protocol.messages import Batch, Finish
 
 
 def stored_steps(server: LiveServer, run_id: str, key: str) -> list[int]:
@@ -345,3 +347,105 @@ def test_a_refused_token_ends_finish_at_once_and_keeps_the_rows(
     assert run.path.exists() and not run.delivered
     assert main(["sync", str(run.path), "--url", live_server.url]) == 0
     assert stored_steps(live_server, run.id, "x") == [0]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"k" * 201: 1.0}, {"": 1.0}, {"line\nbreak": 1.0}],
+    ids=["long-key", "empty-key", "control-character"],
+)
+def test_a_key_the_server_would_refuse_is_dropped_at_the_source(
+    live_server: LiveServer, bad: dict[str, float], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Sent, it would make the server refuse its batch, and every batch after it, at
+    every reconnect: the whole rest of the run, and `trainwire sync` too."""
+    run = trainwire.init(url=live_server.url)
+    run.log({"x": 0.0}, step=0)
+    run.log({**bad, "x": 1.0}, step=1)
+    run.log({"x": 2.0}, step=2)
+    with caplog.at_level(logging.WARNING, logger="trainwire.client"):
+        run.finish(timeout=10)
+    assert run.delivered
+    assert stored_steps(live_server, run.id, "x") == [0, 1, 2]
+    assert run._sender.dropped_values == 1
+    assert any("dropped the value of" in r.getMessage() for r in caplog.records)
+
+
+def test_a_step_outside_64_bits_drops_its_row_only(live_server: LiveServer) -> None:
+    run = trainwire.init(url=live_server.url)
+    run.log({"x": 0.0}, step=0)
+    run.log({"x": 1.0}, step=2**63)
+    run.log({"x": 2.0}, step=2)
+    run.finish(timeout=10)
+    assert run.delivered
+    assert stored_steps(live_server, run.id, "x") == [0, 2]
+    assert run._sender.dropped_rows == 1
+
+
+def test_a_run_past_the_servers_key_limit_keeps_its_known_keys(live_server: LiveServer) -> None:
+    from trainwire.protocol.limits import MAX_KEYS_PER_RUN
+
+    run = trainwire.init(url=live_server.url)
+    run.log({f"k{i}": 1.0 for i in range(MAX_KEYS_PER_RUN)}, step=0)
+    run.log({"one-too-many": 1.0, "k0": 2.0}, step=1)
+    run.finish(timeout=30)
+    assert run.delivered
+    assert stored_steps(live_server, run.id, "k0") == [0, 1]
+    assert run._sender.dropped_values == 1
+
+
+@pytest.mark.parametrize("timeout", [math.inf, None], ids=["inf", "None"])
+def test_finish_without_a_time_limit_waits_for_delivery(
+    live_server: LiveServer, timeout: float | None
+) -> None:
+    run = trainwire.init(url=live_server.url)
+    run.log({"x": 0.0}, step=0)
+    run.finish(timeout=timeout)
+    assert run.delivered
+
+
+def test_the_runs_end_is_kept_when_the_server_leaves_before_acknowledging_it(
+    live_server: LiveServer,
+) -> None:
+    """Every row acknowledged, the end not: it goes to the run file, for sync."""
+    run = trainwire.init(url=live_server.url)
+    run.log({"x": 0.0}, step=0)
+    session = run._sender.session
+    assert wait_until(lambda: session.acked_seq == 1, 5000 * MS)
+    live_server.stop()
+    run.finish(timeout=0.5)
+    assert not run.delivered
+    live_server.start()
+    assert main(["sync", str(run.path), "--url", live_server.url]) == 0
+    stored = live_server.store.get_run(run.id)
+    assert stored is not None and stored.status == "finished"
+
+
+def test_an_offline_run_goes_on_after_a_failed_write(
+    isolated_environment: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A write that fails (here: a file where the run's folder should be, as good as
+    a full disk) is said once and tried again; it must not end the sender, which
+    would silently drop every later row."""
+    run = trainwire.init(mode="offline", id="io-error")
+    blocker = run.path.parent
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_bytes(b"")
+    sender = run._sender
+    with caplog.at_level(logging.WARNING, logger="trainwire.client"):
+        run.log({"x": 0.0}, step=0)
+        assert wait_until(lambda: "write" in sender._warned, 5000 * MS)
+        blocker.unlink()  # room again
+        run.log({"x": 1.0}, step=1)
+        run.finish(timeout=10)
+    assert not sender.is_alive() and sender.dropped_rows == 0
+    assert sum("could not write run" in r.getMessage() for r in caplog.records) == 1
+    from trainwire.client.spool import SpillingOutbox
+
+    box = SpillingOutbox.open_existing(run.path)
+    try:
+        items = box.items(1, 10)
+    finally:
+        box.close()
+    assert [row[0] for item in items if isinstance(item, Batch) for row in item.rows] == [0, 1]
+    assert isinstance(items[-1], Finish)

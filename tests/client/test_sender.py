@@ -14,6 +14,8 @@ import trainwire
 from trainwire.client import sender as sender_module, tensors as tensors_module
 from trainwire.client.sender import IDLE_WAIT, MAX_FLUSH_INTERVAL, STRETCH_RATE, Sender
 from trainwire.client.spool import SpillingOutbox
+from trainwire.exceptions import ConfigError
+from trainwire.protocol.limits import MAX_CONFIG_DEPTH
 from trainwire.protocol.messages import RunSpec
 from trainwire.protocol.session import ClientSession
 
@@ -173,3 +175,14 @@ def test_rows_logged_behind_a_value_still_being_copied_wait_for_it(
     s._drain()
     [batch] = s.session.outbox.items(1, 10)
     assert batch.rows == [(0, 1.0, {"loss": 0.5}), (1, 2.0, {"loss": 0.25})]
+
+
+def test_init_refuses_a_config_the_server_would_refuse() -> None:
+    """Too deep a config would have the server refuse the run's hello, and so every
+    row of the run: init() raises, as for any bad configuration."""
+    deep: dict[str, object] = {"leaf": 1}
+    for _ in range(MAX_CONFIG_DEPTH):
+        deep = {"a": deep}
+    with pytest.raises(ConfigError, match="deeper than"):
+        trainwire.init(mode="offline", config=deep)
+    trainwire.init(mode="offline", config={"model": {"layers": [{"width": 64}]}}).finish()

@@ -183,3 +183,19 @@ def test_a_file_that_is_not_a_run_file_is_refused(tmp_path: Path) -> None:
     path.write_bytes(b"hello")
     with pytest.raises(ConfigError, match="not a trainwire run file"):
         SpillingOutbox.open_existing(path)
+
+
+def test_persist_keeps_a_finish_that_is_the_only_item_left(tmp_path: Path) -> None:
+    """Every batch acknowledged, then the server gone before the run's end: the end
+    (no rows) must reach the file, or the run loses its status and sync has nothing."""
+    box = outbox(tmp_path)
+    box.append(batch(1))
+    box.drop_through(1)
+    box.append(Finish(seq=2))
+    box.persist()
+    box.close()
+    again = SpillingOutbox.open_existing(box.path)
+    try:
+        assert again.items(1, 10) == [Finish(seq=2)]
+    finally:
+        again.close()

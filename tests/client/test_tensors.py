@@ -5,13 +5,17 @@ from __future__ import annotations
 import subprocess
 import sys
 import weakref
+from collections import deque
 from typing import Any
 
 import pytest
 from tests.conftest import LiveServer
 
 import trainwire
-from trainwire.client.tensors import TensorResolver, is_tensor, read_cpu_scalars
+from trainwire.client.sender import Sender
+from trainwire.client.tensors import Logged, TensorResolver, is_tensor, read_cpu_scalars
+from trainwire.protocol.messages import RunSpec
+from trainwire.protocol.session import ClientSession
 
 torch = pytest.importorskip("torch")
 
@@ -80,3 +84,35 @@ def test_cpu_tensors_logged_arrive_as_their_values(live_server: LiveServer) -> N
     assert series["loss"].value == [0.0, 3.0, 6.0]
     assert series["n"].value == [0.0, 1.0, 2.0]
     assert "v" not in series and run._sender.dropped_values == 3
+
+
+def test_log_keeps_an_accelerator_tensor_with_its_version_counter() -> None:
+    """A tensor not on the CPU (here the meta device) is read later, by the sender:
+    log() notes its version, to tell a change in place from the logged value."""
+    on_device = torch.ones((), device="meta")
+    values: dict[str, Any] = {"w": on_device, "lr": 0.1}
+    assert not read_cpu_scalars(values)
+    logged = values["w"]
+    assert isinstance(logged, Logged) and logged.tensor is on_device
+    assert not logged.changed
+    on_device.add_(1.0)
+    assert logged.changed
+
+
+def test_a_tensor_changed_in_place_after_log_is_dropped_and_said_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The copy would read the new value: a wrong number is worse than a missing one.
+    Unchanged tensors of the same rows still arrive."""
+    session = ClientSession(RunSpec(id="r", project="p", name="n"))
+    sender = Sender(session, deque(), None)
+    weight, loss = torch.ones(()), torch.tensor(2.0)
+    for step in range(2):  # as Run.log queues a GPU tensor
+        sender.queue.append((step, 1.0, {"w": Logged(weight), "loss": Logged(loss)}, False))
+    weight.zero_()  # the optimizer's step, before the sender's next drain
+    with caplog.at_level("WARNING", logger="trainwire.client"):
+        sender._drain()
+    [batch] = session.outbox.items(1, 10)
+    assert batch.rows == [(0, 1.0, {"loss": 2.0}), (1, 1.0, {"loss": 2.0})]
+    assert sender.dropped_values == 2
+    assert sum("changed in place" in r.getMessage() for r in caplog.records) == 1

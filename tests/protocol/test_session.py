@@ -6,6 +6,7 @@ import msgspec
 import pytest
 
 from trainwire.exceptions import ProtocolError, VersionMismatch
+from trainwire.protocol.limits import MAX_CONFIG_DEPTH
 from trainwire.protocol.messages import (
     PROTOCOL_VERSION,
     Ack,
@@ -16,7 +17,11 @@ from trainwire.protocol.messages import (
     Welcome,
 )
 from trainwire.protocol.outbox import MemoryOutbox
-from trainwire.protocol.session import ClientSession, ConnectionState, ServerSession
+from trainwire.protocol.session import (
+    ClientSession,
+    ConnectionState,
+    ServerSession,
+)
 
 SPEC = RunSpec(id="r1", project="p", name="n", config={"lr": 0.1})
 enc = msgspec.msgpack.encode
@@ -221,6 +226,21 @@ def test_config_and_env_must_be_json_like_to_be_stored(field: str) -> None:
     assert info.value.code == 1003
 
 
+@pytest.mark.parametrize("field", ["config", "env"])
+def test_config_and_env_may_nest_32_levels_and_no_more(field: str) -> None:
+    def hello(levels: int) -> bytes:
+        value: object = 1.0
+        for level in range(levels - 1):  # the map itself is the first level
+            value = [value] if level % 2 else {"k": value}
+        run = {"id": "r", "project": "p", "name": "n", field: {"k": value}}
+        return enc({"type": "hello", "v": PROTOCOL_VERSION, "run": run})
+
+    assert isinstance(ServerSession().receive_frame(hello(MAX_CONFIG_DEPTH)), Hello)
+    with pytest.raises(ProtocolError) as info:
+        ServerSession().receive_frame(hello(MAX_CONFIG_DEPTH + 1))
+    assert (info.value.code, info.value.reason) == (1003, f"{field} nested deeper than 32 levels")
+
+
 def test_server_refuses_a_second_hello_and_seq_zero() -> None:
     server = ServerSession()
     server.receive_frame(enc(Hello(v=PROTOCOL_VERSION, run=SPEC)))
@@ -292,3 +312,38 @@ def test_client_awaits_the_server_only_for_its_welcome_or_a_backlog() -> None:
     client.receive_frame(enc(Ack(seq=1)))
     assert len(client.frames_to_send()) == 1
     assert not client.awaiting_server  # sent everything; its ack can wait for a flush
+
+
+class FullDiskOutbox(MemoryOutbox):
+    """An outbox whose writes fail until ``full`` is cleared, as a spill file's do on
+    a full disk."""
+
+    full = True
+
+    def append(self, item: Batch | Finish) -> None:
+        if self.full:
+            raise OSError(28, "No space left on device")
+        super().append(item)
+
+
+def test_rows_an_outbox_fails_to_take_stay_queued_for_the_next_cut() -> None:
+    outbox = FullDiskOutbox()
+    session = ClientSession(SPEC, outbox=outbox, rows_per_batch=2)
+    session.add_rows([(i, 1.0, {"x": float(i)}) for i in range(3)])
+    with pytest.raises(OSError):
+        session.cut_batches()
+    assert session.queued_rows == 3 and session.next_seq == 1
+    outbox.full = False
+    assert session.cut_batches()
+    items = outbox.items(1, 10)
+    assert [item.seq for item in items] == [1, 2]
+    assert [row[0] for item in items for row in item.rows] == [0, 1, 2]
+
+
+def test_the_newest_queued_rows_are_dropped_first() -> None:
+    session = ClientSession(SPEC)
+    session.add_rows([(i, 1.0, {"x": float(i)}) for i in range(5)])
+    assert session.drop_newest_pending(2) == 2
+    session.cut_batches()
+    assert [row[0] for item in session.outbox.items(1, 10) for row in item.rows] == [0, 1, 2]
+    assert session.drop_newest_pending(10) == 0

@@ -1,13 +1,16 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import msgspec
 import pytest
 from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
-from tests.server.conftest import SPEC, open_trainer, receive, send
+from tests.server.conftest import ADMIN_TOKEN, SPEC, app_settings, open_trainer, receive, send
+from trainwire.exceptions import StorageError
+from trainwire.protocol.limits import MAX_CONFIG_DEPTH
 from trainwire.protocol.messages import (
     PROTOCOL_VERSION,
     Ack,
@@ -17,7 +20,10 @@ from trainwire.protocol.messages import (
     RunSpec,
     Welcome,
 )
+from trainwire.server.app import create_app
 from trainwire.server.ingest import RunUpdates
+from trainwire.server.watch import RunWatch
+from trainwire.storage import SQLiteStore
 
 
 def test_trainer_is_welcomed_and_each_batch_acked_after_it_is_stored(client: TestClient) -> None:
@@ -100,6 +106,29 @@ def test_bad_input_gets_a_clear_close_reason_and_the_server_keeps_serving(
     assert client.get("/api/runs/good/metrics").json()["series"]["x"]["value"] == [1.0]
 
 
+def test_a_config_nested_too_deeply_is_refused_and_every_run_stays_readable(
+    client: TestClient,
+) -> None:
+    with open_trainer(client):  # an honest run
+        pass
+    # The deepest config the decoder takes (how deep depends on the stack below it)
+    # was stored, then encoded again for the run list deeper in the stack, out of
+    # recursion: a 500 for every user, for good. Down from beyond the decoder's reach:
+    for depth in range(1000, MAX_CONFIG_DEPTH, -1):
+        deep = msgspec.Raw(b"\x91" * depth + b"\x01")  # [[[...[1]...]]]
+        run = {"id": "evil", "project": "p", "name": "n", "config": {"x": deep}}
+        with client.websocket_connect("/ws/ingest") as ws:
+            send(ws, {"type": "hello", "v": PROTOCOL_VERSION, "run": run})
+            with pytest.raises(WebSocketDisconnect) as closed:
+                receive(ws)  # a welcome: the run is stored
+        if not closed.value.reason.startswith("malformed frame"):  # the decoder took it
+            break
+    assert (closed.value.code, closed.value.reason) == (1003, "config nested deeper than 32 levels")
+    assert [listed["id"] for listed in client.get("/api/runs").json()] == [SPEC.id]
+    assert client.get(f"/api/runs/{SPEC.id}").status_code == 200
+    assert client.get("/api/runs/evil").status_code == 404
+
+
 def test_a_committing_run_is_announced_at_most_once_per_interval() -> None:
     updates = RunUpdates(interval=1.0)
     assert updates.due("a", now=10.0)  # never announced
@@ -118,3 +147,22 @@ def test_run_announcements_forget_old_runs_without_changing_an_answer() -> None:
     assert not updates.due("run2999", now=30.0)  # announced 0.01 s ago
     assert updates.due("run0", now=30.0)
     assert len(updates._announced) < 1500
+
+
+class StoreThatCannotOpenRuns(SQLiteStore):
+    def open_run(self, spec: RunSpec, stream: str, now: float) -> int:
+        raise StorageError("disk I/O error")
+
+
+def test_a_trainer_whose_run_cannot_be_opened_is_not_counted_connected(tmp_path: Path) -> None:
+    store = StoreThatCannotOpenRuns(tmp_path / "t.db")
+    app = create_app(app_settings(tmp_path), store=store)
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    with TestClient(app, headers=headers) as client:
+        # The test client hands the endpoint's exception on; a server logs it and closes.
+        with pytest.raises(StorageError), client.websocket_connect("/ws/ingest") as ws:
+            send(ws, Hello(v=PROTOCOL_VERSION, run=SPEC))
+            receive(ws)
+        # Counted connected, it would hold the run back from the reaper for good.
+        watch: RunWatch = app.state.watch
+        assert watch.overdue([SPEC.id], now=math.inf) == [SPEC.id]

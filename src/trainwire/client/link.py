@@ -97,7 +97,7 @@ class Link:
         """
         deadline = time.monotonic() + open_timeout
         uri = parse_uri(url)
-        sock = socket.create_connection((uri.host, uri.port), timeout=open_timeout)
+        sock = _connect(uri.host, uri.port, deadline)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
             if uri.secure:
@@ -292,3 +292,26 @@ class Link:
         return ConnectionClosedError(
             protocol.close_rcvd, protocol.close_sent, protocol.close_rcvd_then_sent
         )
+
+
+def _connect(host: str, port: int, deadline: float) -> socket.socket:
+    """A TCP connection to the first address of ``host`` that answers before
+    ``deadline``. ``socket.create_connection`` gives each address the whole timeout:
+    a name with several addresses (localhost: ::1 and 127.0.0.1) behind a firewall
+    that drops packets would take that many times as long, past the time finish()
+    waits for the sender to save what it holds. (The name lookup itself has no
+    timeout in the standard library.)"""
+    error: OSError = TimeoutError(f"could not connect to {host}:{port} in time")
+    for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(left)
+            sock.connect(address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise error

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import os
 import platform
 import secrets
@@ -32,6 +33,7 @@ from trainwire.client.spool import SpillingOutbox, new_header
 from trainwire.client.system import SystemSampler
 from trainwire.client.tensors import read_cpu_scalars
 from trainwire.exceptions import ConfigError
+from trainwire.protocol.limits import MAX_CONFIG_DEPTH, nests_deeper_than
 from trainwire.protocol.messages import FinishStatus, RunSpec
 from trainwire.protocol.session import ClientSession
 from trainwire.settings import DEFAULT_PORT, default_data_dir, is_loopback
@@ -210,14 +212,16 @@ class Run:
                 self._sender.wake()
 
     def finish(
-        self, timeout: float = DEFAULT_FINISH_TIMEOUT, *, status: FinishStatus = "finished"
+        self, timeout: float | None = DEFAULT_FINISH_TIMEOUT, *, status: FinishStatus = "finished"
     ) -> None:
         """End the run: deliver what was logged, then mark the run ``status``.
 
-        Idempotent, and never raises. Waits at most ``timeout`` seconds for the
-        server to acknowledge; what is left undelivered is written to :attr:`path`
-        (for ``trainwire sync``) before it returns.
+        Idempotent, and never raises. Waits at most ``timeout`` seconds (None or
+        ``math.inf``: as long as it takes) for the server to acknowledge; what is left
+        undelivered is written to :attr:`path` (for ``trainwire sync``) before it
+        returns.
         """
+        timeout = _wait_seconds(timeout)
         with self._lock:
             if self.state is not RunState.RUNNING:
                 return
@@ -228,7 +232,8 @@ class Run:
         try:
             self._sender.close(status, timeout)
             if threading.current_thread() is not self._sender:  # finish() from a value's .item()
-                self._sender.join(timeout + SENDER_GRACE)
+                # Thread.join overflows past threading.TIMEOUT_MAX: None waits without end.
+                self._sender.join(None if math.isinf(timeout) else timeout + SENDER_GRACE)
                 if self._sender.is_alive() and self._sender.saving:
                     self._sender.join(SAVE_WAIT)
             self._report()
@@ -321,6 +326,9 @@ def _plain_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
     if not config:
         return {}
     plain: dict[str, Any] = msgspec.to_builtins(dict(config), enc_hook=str, str_keys=True)
+    if nests_deeper_than(plain, MAX_CONFIG_DEPTH):
+        # The server would refuse the run's hello, and with it every row of the run.
+        raise ConfigError(f"config nests deeper than {MAX_CONFIG_DEPTH} levels")
     return plain
 
 
@@ -479,7 +487,19 @@ def log(metrics: Mapping[str, Any], step: int | None = None) -> None:
     _current.log(metrics, step)
 
 
-def finish(timeout: float = DEFAULT_FINISH_TIMEOUT) -> None:
+def _wait_seconds(timeout: object) -> float:
+    """finish()'s timeout as seconds: None waits without end; a negative number or NaN
+    (which fails every comparison) not at all; anything else not a number, the default."""
+    if timeout is None:
+        return math.inf
+    try:
+        seconds = float(timeout)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return DEFAULT_FINISH_TIMEOUT
+    return seconds if seconds >= 0 else 0.0
+
+
+def finish(timeout: float | None = DEFAULT_FINISH_TIMEOUT) -> None:
     """:meth:`Run.finish` on the run of the last :func:`init`; does nothing without one."""
     if _current is not None:
         _current.finish(timeout)

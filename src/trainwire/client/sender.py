@@ -26,6 +26,7 @@ from trainwire.client.tensors import TensorResolver
 from trainwire.client.values import to_float
 from trainwire.exceptions import ProtocolError
 from trainwire.protocol.batching import Backoff
+from trainwire.protocol.limits import STEP_MAX, STEP_MIN, key_problem
 from trainwire.protocol.messages import FinishStatus, Row
 from trainwire.protocol.session import ClientSession
 
@@ -67,6 +68,9 @@ IDLE_WAIT: Final = 1.0
 ACK_READ_INTERVAL: Final = 0.5
 # The longest a live connection waits for the server's answer to its close frame.
 CLOSE_TIMEOUT: Final = 1.0
+# Rows kept in memory while the run file cannot be written (a full disk, a path made
+# unwritable): tried again every pass; past this, new rows are dropped and counted.
+UNWRITTEN_ROWS: Final = 100_000
 
 
 class _QuietTransportLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -127,6 +131,8 @@ class Sender(threading.Thread):
         # Rows with steps of their own (system metrics): not part of the step count.
         self.system_queue: deque[LoggedRow] = deque()
         self.tensors = TensorResolver()
+        # Metric keys already checked and found good (see _checked).
+        self._keys: set[str] = set()
         self._closing = threading.Event()
         self._wake = threading.Event()
         # True while the sender sleeps with nothing to do: Run.log() then wakes it
@@ -174,8 +180,16 @@ class Sender(threading.Thread):
                     # undelivered row on disk, for `trainwire sync`.
                     self.saving = True
                     if self._closing.is_set():
-                        self._drain()
-                    outbox.persist()
+                        self._drain_to_disk()
+                    try:
+                        outbox.persist()
+                    except Exception as exc:  # the thread's last act: say so, not a traceback
+                        logger.warning(
+                            "trainwire could not write run %s to %s: %s",
+                            self.session.run.id,
+                            outbox.path,
+                            exc,
+                        )
                 outbox.close()
 
     def _write_offline(self) -> None:
@@ -186,14 +200,36 @@ class Sender(threading.Thread):
             else:
                 self._wait(interval)
             now = time.monotonic()
-            rows = self._drain()
+            rows = self._drain_to_disk()
             # Stretched like a connected sender's: each pass writes to the file and
             # costs the loop a wake-up (a fast loop: 9% slower at 50 passes a second).
             interval = self.pace(rows, now - last_drain)
             last_drain = now
-        self._drain()
+        self._drain_to_disk()
+
+    def _drain_to_disk(self) -> int:
+        """:meth:`_drain` where the rows may go to the run file (offline, or the server
+        away): a write that fails must not end the thread, which would silently drop
+        every later row. The rows stay queued in the session and are written at a later
+        pass; the failure is said once."""
+        try:
+            return self._drain()
+        except Exception as exc:  # OSError mostly; anything else is as fatal to the run
+            outbox = self.session.outbox
+            self._warn_once(
+                "write",
+                "trainwire could not write run %s to %s (%s); retrying",
+                self.session.run.id,
+                getattr(outbox, "path", "?"),
+                exc,
+            )
+            excess = self.session.queued_rows - UNWRITTEN_ROWS
+            if excess > 0:  # the newest rows, as when the file reaches its bound
+                self.dropped_rows += self.session.drop_newest_pending(excess)
+            return 0
 
     def _deliver(self, url: str) -> None:
+
         while not self._finished():
             try:
                 self._connect_and_pump(url)
@@ -244,7 +280,7 @@ class Sender(threading.Thread):
                 self._wake.clear()  # woken once by close(); later waits back off again
                 return
             now = time.monotonic()
-            rows = self._drain()
+            rows = self._drain_to_disk()
             interval = self.pace(rows, now - last_drain) if rows else IDLE_WAIT
             last_drain = now
 
@@ -404,6 +440,15 @@ class Sender(threading.Thread):
         tensor resolver (GPU values once their copies are done)."""
         if logged:
             self.tensors.submit(logged)
+            for key in self.tensors.take_changed():
+                self.dropped_values += 1
+                self._warn_once(
+                    f"changed:{key}",
+                    "trainwire dropped a value of %r: its tensor was changed in place after "
+                    "log(), before it could be read; log a copy (t.detach().clone()) of a "
+                    "tensor you change in place",
+                    key,
+                )
         rows: list[Row] = []
         for step, at, metrics in self.tensors.ready(wait=closing):
             if _is_plain(metrics):  # goes as it is: log() made this dict
@@ -431,7 +476,49 @@ class Sender(threading.Thread):
             if self.session.finishing:
                 self.dropped_rows += len(rows)  # logged by another thread during finish()
             else:
-                self.session.add_rows(rows)
+                self.session.add_rows(self._checked(rows))
+
+    def _checked(self, rows: list[Row]) -> list[Row]:
+        """``rows`` as the server takes them: a step outside 64 bits drops its row, a
+        key the server would refuse (empty, too long, control characters, one too
+        many) drops its value, each counted and said once. Sent, either would make the
+        server refuse the whole batch, and every batch after it, at every reconnect."""
+        known = self._keys
+        for step, _, values in rows:  # the common case: one pass, nothing rebuilt
+            if not (STEP_MIN <= step <= STEP_MAX and known.issuperset(values)):
+                break
+        else:
+            return rows
+        kept: list[Row] = []
+        for row in rows:
+            step, at, values = row
+            if not STEP_MIN <= step <= STEP_MAX:
+                self.dropped_rows += 1
+                self._warn_once(
+                    "step", "trainwire dropped a row: step %r is outside 64-bit integers", step
+                )
+                continue
+            if not known.issuperset(values):
+                refused = [key for key in values if not self._take_key(key)]
+                if refused:
+                    values = {k: v for k, v in values.items() if k not in refused}
+                    if not values:
+                        continue
+                    row = (step, at, values)
+            kept.append(row)
+        return kept
+
+    def _take_key(self, key: str) -> bool:
+        """True if ``key`` is known or a new key the server takes (then known)."""
+        if key in self._keys:
+            return True
+        problem = key_problem(key, len(self._keys))
+        if problem is not None:
+            self.dropped_values += 1
+            self._warn_once(f"key:{problem}", "trainwire dropped the value of %r: %s", key, problem)
+            return False
+        self._keys.add(key)
+        return True
 
     def _cut(self) -> None:
         outbox = self.session.outbox

@@ -10,6 +10,7 @@ items carry their stream and sequence numbers, uploading a file twice
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
@@ -96,7 +97,8 @@ class SpillingOutbox:
         Raises:
             ConfigError: the file is not a trainwire run file.
         """
-        handle = open(path, "r+b")  # noqa: SIM115 - owned by the outbox
+        # Unbuffered, as every handle the outbox appends to (see _open).
+        handle = open(path, "r+b", buffering=0)  # noqa: SIM115 - owned by the outbox
         try:
             if handle.read(len(MAGIC)) != MAGIC:
                 raise ConfigError(f"{path} is not a trainwire run file")
@@ -164,8 +166,15 @@ class SpillingOutbox:
         handle = self._open()
         body = self._encoded(item)
         offset = handle.seek(0, os.SEEK_END)
-        handle.write(_LENGTH.pack(len(body)) + body)
-        handle.flush()
+        try:
+            _write_all(handle, _LENGTH.pack(len(body)) + body)
+        except BaseException:
+            # Part of a record (a disk that filled mid-write) would hide every record
+            # after it from open_existing(): cut it off, so a later append can succeed.
+            with contextlib.suppress(OSError):
+                handle.truncate(offset)
+                handle.seek(offset)
+            raise
         self._index.append((item.seq, offset, len(body), item.row_count))
         self._disk_rows += item.row_count
         self.spilled += 1
@@ -200,7 +209,14 @@ class SpillingOutbox:
             self._file.seek(self._data_start)
 
     def _goes_to_memory(self, item: Sequenced) -> bool:
-        return not self._index and self._memory_rows + item.row_count <= self.memory_rows
+        # memory_rows == 0 (offline, or persisting): everything to the file, the run's
+        # Finish (no rows) included, or a run whose only item left is its end keeps
+        # no file and loses its status.
+        return (
+            not self._index
+            and self.memory_rows > 0
+            and self._memory_rows + item.row_count <= self.memory_rows
+        )
 
     def _encoded(self, item: Sequenced) -> bytes:
         # accepts() and append() see the same item in turn: encode it once.
@@ -260,7 +276,7 @@ class SpillingOutbox:
             self._memory_rows = held_rows
             raise
         self._file.close()
-        self._file = open(self.path, "r+b")  # noqa: SIM115 - owned by the outbox
+        self._file = open(self.path, "r+b", buffering=0)  # noqa: SIM115 - see _open
         self._file.seek(0, os.SEEK_END)
         self._data_start = data_start
         self._index = index
@@ -309,8 +325,16 @@ class SpillingOutbox:
     def _open(self) -> IO[bytes]:
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "w+b")  # noqa: SIM115 - owned by the outbox
-            self._data_start = self._write_header(self._file)
+            # Unbuffered: a write that fails leaves nothing behind in a buffer, to be
+            # written later after other records (each record is one write anyway).
+            handle = open(self.path, "w+b", buffering=0)  # noqa: SIM115 - owned by the outbox
+            try:
+                self._data_start = self._write_header(handle)
+            except BaseException:
+                handle.close()
+                self.path.unlink(missing_ok=True)  # made again, whole, next time
+                raise
+            self._file = handle
             if self.keep:
                 logger.info("trainwire: writing run to %s", self.path)
         return self._file
@@ -319,8 +343,18 @@ class SpillingOutbox:
         """The magic line and the header, at the start of a new file; returns where
         the items start."""
         header = _encoder.encode(self.header)
-        handle.write(MAGIC + _LENGTH.pack(len(header)) + header)
+        _write_all(handle, MAGIC + _LENGTH.pack(len(header)) + header)
         return handle.tell()
+
+
+def _write_all(handle: IO[bytes], data: bytes) -> None:
+    """Write all of ``data``: an unbuffered file may take part of it per call."""
+    view = memoryview(data)
+    while view:
+        written = handle.write(view)
+        if not written:  # a regular file fails with an error rather than take nothing
+            raise OSError(f"write made no progress ({len(view)} bytes left)")
+        view = view[written:]
 
 
 def _read_record(handle: IO[bytes]) -> bytes | None:

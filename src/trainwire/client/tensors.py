@@ -19,6 +19,14 @@ taken from ``sys.modules``, where the user's own import put it.
 The copy is issued on the sender thread's current stream of each device, the
 default stream: a value made on another stream must be synchronised with it by the
 user before it is logged (as for any use of a tensor across streams).
+
+Being read later, a tensor changed in place after ``log()`` (a parameter the
+optimizer steps, an accumulator zeroed) would be logged with its new value. A copy
+per call would cost an allocation and a kernel launch every step, so ``log()``
+notes the tensor's version counter instead (:class:`Logged`), and the sender drops
+a value whose tensor changed before its copy was queued, and says so: silently
+wrong numbers are worse than a missing point. A copy queued before the change
+reads the logged value (the stream runs kernels in order).
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["TensorResolver", "is_tensor", "read_cpu_scalars"]
+__all__ = ["Logged", "TensorResolver", "is_tensor", "read_cpu_scalars"]
 
 Row = tuple[int, float, dict[str, Any]]
 
@@ -38,6 +46,25 @@ def is_tensor(value: Any) -> bool:
     return (
         type(value).__module__ == "torch" and hasattr(value, "detach") and hasattr(value, "device")
     )
+
+
+class Logged:
+    """A tensor on an accelerator as ``log()`` saw it: the tensor, and its version
+    counter then (None for an inference tensor, which keeps none)."""
+
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, tensor: Any) -> None:
+        self.tensor = tensor
+        try:
+            self.version: int | None = tensor._version
+        except RuntimeError:  # "Inference tensors do not track version counter"
+            self.version = None
+
+    @property
+    def changed(self) -> bool:
+        """Changed in place since ``log()``: its value then is gone."""
+        return self.version is not None and self.tensor._version != self.version
 
 
 # Classes already recognised as torch tensors: one set lookup per value instead of
@@ -77,6 +104,7 @@ def read_cpu_scalars(values: dict[Any, Any]) -> bool:
                 plain = False
         else:
             plain = False  # a GPU tensor: the sender reads it once its copy is done
+            values[key] = Logged(value)
     return plain
 
 
@@ -108,16 +136,34 @@ class TensorResolver:
 
     def __init__(self) -> None:
         self._pending: deque[_Pending] = deque()
+        # Keys whose values were dropped, changed in place after log(): the caller
+        # counts and reports them (take_changed).
+        self._changed: list[str] = []
+
+    def take_changed(self) -> list[str]:
+        """The keys of values dropped since the last call: their tensors changed in
+        place between ``log()`` and their copy."""
+        changed, self._changed = self._changed, []
+        return changed
 
     def submit(self, rows: list[Row]) -> None:
         groups: dict[tuple[Any, Any], list[tuple[int, str, Any]]] = {}
         for index, (_, _, values) in enumerate(rows):
+            changed: list[str] = []
             for key, value in values.items():
                 kind = type(value)
                 if kind is float or kind is int:
                     continue  # most values: no attribute lookups for them
+                if kind is Logged:
+                    if value.changed:
+                        changed.append(key)
+                        continue
+                    value = values[key] = value.tensor  # the copy is queued now, in order
                 if is_tensor(value) and value.numel() == 1:
                     groups.setdefault((value.device, value.dtype), []).append((index, key, value))
+            for key in changed:
+                del values[key]
+            self._changed.extend(changed)
         pending = _Pending(rows)
         if groups:
             torch = sys.modules["torch"]

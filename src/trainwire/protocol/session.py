@@ -16,6 +16,13 @@ from typing import Final, TypeVar, assert_never
 import msgspec
 
 from trainwire.exceptions import ProtocolError, VersionMismatch
+from trainwire.protocol.limits import (
+    MAX_CONFIG_DEPTH,
+    MAX_KEY_LENGTH,
+    MAX_KEYS_PER_RUN,
+    key_problem,
+    nests_deeper_than,
+)
 from trainwire.protocol.messages import (
     PROTOCOL_VERSION,
     Ack,
@@ -34,6 +41,7 @@ from trainwire.protocol.outbox import MemoryOutbox, Outbox
 __all__ = ["ClientSession", "ConnectionState", "ServerSession"]
 
 T = TypeVar("T")
+
 
 _encoder: Final = msgspec.msgpack.Encoder()
 _trainer_decoder: Final[msgspec.msgpack.Decoder[TrainerToServer]] = msgspec.msgpack.Decoder(
@@ -127,9 +135,11 @@ class ClientSession:
                     return False
                 n //= 2  # a smaller batch may still fit in what room is left
                 batch = Batch(seq=self._next_seq, rows=batch.rows[:n])
+            # Appended before the rows leave the queue: an outbox that fails to take the
+            # batch (a full disk) leaves them queued, for the next cut.
+            self.outbox.append(batch)
             for _ in range(n):
                 self._pending.popleft()
-            self.outbox.append(batch)
             self._next_seq += 1
         if self._finish_status is not None and self._finish_seq is None:
             self._finish_seq = self._next_seq
@@ -230,6 +240,17 @@ class ClientSession:
     def next_seq(self) -> int:
         return self._next_seq
 
+    def drop_newest_pending(self, n: int) -> int:
+        """Forget up to ``n`` of the newest rows not yet cut into batches.
+
+        Returns:
+            how many rows were dropped.
+        """
+        dropped = min(n, len(self._pending))
+        for _ in range(dropped):
+            self._pending.pop()
+        return dropped
+
     def drop_oldest_pending(self, n: int) -> int:
         """Forget up to ``n`` of the oldest rows not yet cut into batches.
 
@@ -255,8 +276,8 @@ class ServerSession:
         self,
         *,
         max_rows_per_batch: int = 10_000,
-        max_key_length: int = 200,
-        max_series_per_run: int = 10_000,
+        max_key_length: int = MAX_KEY_LENGTH,
+        max_series_per_run: int = MAX_KEYS_PER_RUN,
     ) -> None:
         self.run: RunSpec | None = None
         self.hello: Hello | None = None
@@ -286,8 +307,10 @@ class ServerSession:
                     )
                 if self.run is not None:
                     raise ProtocolError("hello sent twice", code=1008)
-                # Stored as JSON: msgpack allows map keys JSON has no room for.
                 for name, value in (("config", run.config), ("env", run.env)):
+                    if nests_deeper_than(value, MAX_CONFIG_DEPTH):
+                        raise ProtocolError(f"{name} nested deeper than {MAX_CONFIG_DEPTH} levels")
+                    # Stored as JSON: msgpack allows map keys JSON has no room for.
                     try:
                         msgspec.json.encode(value)
                     except (TypeError, ValueError, RecursionError) as exc:
@@ -320,16 +343,14 @@ class ServerSession:
                     self._check_new_key(key)
 
     def _check_new_key(self, key: str) -> None:
-        if not key or len(key) > self.max_key_length:
-            raise ProtocolError(
-                f"metric keys must have 1 to {self.max_key_length} characters", code=1008
-            )
-        if not key.isprintable():
-            raise ProtocolError(f"metric key {key[:40]!r} has control characters", code=1008)
-        if len(self._known_keys) >= self.max_series_per_run:
-            raise ProtocolError(
-                f"run has more than {self.max_series_per_run} metric keys", code=1008
-            )
+        problem = key_problem(
+            key,
+            len(self._known_keys),
+            max_length=self.max_key_length,
+            max_keys=self.max_series_per_run,
+        )
+        if problem is not None:
+            raise ProtocolError(problem, code=1008)
         self._known_keys.add(key)
 
     def run_opened(self, hello: Hello, last_seq: int, keys: Iterable[str] = ()) -> None:

@@ -1,0 +1,74 @@
+"""What a server takes, by default: metric keys, steps, and how deep a config nests.
+
+The server checks every new key of a connection (``ServerSession``) and refuses a
+batch holding a bad one by closing the connection; the client checks the same rules
+before it sends (``Sender``), because a refused batch is sent again after every
+reconnect: one bad key would hold back every row logged after it, and `trainwire
+sync` would meet the same refusal. A server configured with tighter limits than
+these still refuses; its close reason says which. ``init()`` checks a config's depth
+for the same reason: a refused hello would refuse the whole run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Final
+
+__all__ = [
+    "MAX_CONFIG_DEPTH",
+    "MAX_KEYS_PER_RUN",
+    "MAX_KEY_LENGTH",
+    "STEP_MAX",
+    "STEP_MIN",
+    "key_problem",
+    "nests_deeper_than",
+]
+
+MAX_KEY_LENGTH: Final = 200
+MAX_KEYS_PER_RUN: Final = 10_000
+# SQLite integers are signed 64-bit.
+STEP_MIN: Final = -(2**63)
+STEP_MAX: Final = 2**63 - 1
+# How deep a hello's config or env may nest maps and arrays. They are stored, then
+# encoded again for every run list and run page, each time deeper in the server's
+# stack than where they were decoded: a config just within the decoder's reach broke
+# those pages for everyone, for good. Real configs nest a few levels; 32 leaves them
+# room, and any stack far more.
+MAX_CONFIG_DEPTH: Final = 32
+
+
+def key_problem(
+    key: str,
+    known: int,
+    *,
+    max_length: int = MAX_KEY_LENGTH,
+    max_keys: int = MAX_KEYS_PER_RUN,
+) -> str | None:
+    """Why a server refuses ``key`` as a new metric key of a writer that already
+    has ``known`` keys; None if it takes it."""
+    if not key or len(key) > max_length:
+        return f"metric keys must have 1 to {max_length} characters"
+    if not key.isprintable():
+        return f"metric key {key[:40]!r} has control characters"
+    if known >= max_keys:
+        return f"run has more than {max_keys} metric keys"
+    return None
+
+
+def nests_deeper_than(value: object, limit: int) -> bool:
+    """Whether ``value`` nests maps and arrays more than ``limit`` deep (itself, if
+    one, counting as the first level). A loop, not a recursion: it is given values
+    too deep for Python's own recursion limit."""
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Iterable[object] = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        if depth + 1 > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
