@@ -449,3 +449,15 @@ def test_an_offline_run_goes_on_after_a_failed_write(
         box.close()
     assert [row[0] for item in items if isinstance(item, Batch) for row in item.rows] == [0, 1]
     assert isinstance(items[-1], Finish)
+
+
+def test_rows_of_many_long_keys_are_delivered(live_server: LiveServer) -> None:
+    """400 rows of 200 keys of 199 characters: 17 MB cut by rows alone, past the
+    server's 16 MiB frame limit, which it would refuse at every resend."""
+    run = trainwire.init(url=live_server.url)
+    row = {f"{i:0199d}": float(i) for i in range(200)}
+    for step in range(400):
+        run.log(row, step=step)
+    run.finish(timeout=60)
+    assert run.delivered
+    assert stored_steps(live_server, run.id, f"{199:0199d}") == list(range(400))

@@ -11,6 +11,7 @@ from typing import Final
 import platformdirs
 
 from trainwire.exceptions import ConfigError
+from trainwire.protocol.limits import MAX_FRAME_BYTES, MAX_KEY_LENGTH, MAX_KEYS_PER_RUN
 
 __all__ = [
     "DEFAULT_HOST",
@@ -54,10 +55,10 @@ class Limits:
         max_connections_per_address: open WebSockets from one client address.
     """
 
-    max_frame_bytes: int = 16 * 1024 * 1024
+    max_frame_bytes: int = MAX_FRAME_BYTES
     max_rows_per_batch: int = 10_000
-    max_key_length: int = 200
-    max_series_per_run: int = 10_000
+    max_key_length: int = MAX_KEY_LENGTH
+    max_series_per_run: int = MAX_KEYS_PER_RUN
     max_new_runs_per_minute: int = 60
     max_connections_per_address: int = 256
 

@@ -6,7 +6,7 @@ import msgspec
 import pytest
 
 from trainwire.exceptions import ProtocolError, VersionMismatch
-from trainwire.protocol.limits import MAX_CONFIG_DEPTH
+from trainwire.protocol.limits import BATCH_VALUES, MAX_CONFIG_DEPTH, MAX_FRAME_BYTES
 from trainwire.protocol.messages import (
     PROTOCOL_VERSION,
     Ack,
@@ -347,3 +347,18 @@ def test_the_newest_queued_rows_are_dropped_first() -> None:
     session.cut_batches()
     assert [row[0] for item in session.outbox.items(1, 10) for row in item.rows] == [0, 1, 2]
     assert session.drop_newest_pending(10) == 0
+
+
+def test_batches_are_cut_by_values_too_so_that_no_frame_outgrows_the_server() -> None:
+    """Rows of many long keys: by rows alone, 1000 of them would make a frame the
+    server refuses at every resend. A row over the bound still goes, alone."""
+    session = ClientSession(SPEC)
+    wide = {f"{i:0199d}": 1.0 for i in range(5000)}
+    session.add_rows([(step, 1.0, wide) for step in range(10)])
+    session.add_rows([(10, 1.0, {f"{i:0199d}": 1.0 for i in range(BATCH_VALUES + 1)})])
+    session.cut_batches()
+    items = session.outbox.items(1, 100)
+    sizes = [len(item.rows) for item in items if isinstance(item, Batch)]
+    assert sizes == [3, 3, 3, 1, 1]
+    assert max(len(enc(item)) for item in items[:-1]) < 4 * 1024 * 1024 < MAX_FRAME_BYTES
+    assert [row[0] for item in items for row in item.rows] == list(range(11))

@@ -15,7 +15,9 @@ from collections.abc import Iterable
 from typing import Final
 
 __all__ = [
+    "BATCH_VALUES",
     "MAX_CONFIG_DEPTH",
+    "MAX_FRAME_BYTES",
     "MAX_KEYS_PER_RUN",
     "MAX_KEY_LENGTH",
     "STEP_MAX",
@@ -29,6 +31,14 @@ MAX_KEYS_PER_RUN: Final = 10_000
 # SQLite integers are signed 64-bit.
 STEP_MIN: Final = -(2**63)
 STEP_MAX: Final = 2**63 - 1
+# The largest frame a server takes from a trainer (it closes the connection, 1009).
+MAX_FRAME_BYTES: Final = 16 * 1024 * 1024
+# The most values a client puts in one batch: at most about 212 bytes each (a key of
+# MAX_KEY_LENGTH characters, its header, a float), so a batch stays under 4 MiB,
+# well within MAX_FRAME_BYTES, whatever its keys. Rows are cut by count too, so most
+# loops (a few keys a row) never reach it; a row of 10,000 long keys (2.1 MB) still
+# goes whole, alone.
+BATCH_VALUES: Final = 16_384
 # How deep a hello's config or env may nest maps and arrays. They are stored, then
 # encoded again for every run list and run page, each time deeper in the server's
 # stack than where they were decoded: a config just within the decoder's reach broke

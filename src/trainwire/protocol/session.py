@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import operator
 from collections import deque
 from collections.abc import Iterable
 from typing import Final, TypeVar, assert_never
@@ -17,6 +18,7 @@ import msgspec
 
 from trainwire.exceptions import ProtocolError, VersionMismatch
 from trainwire.protocol.limits import (
+    BATCH_VALUES,
     MAX_CONFIG_DEPTH,
     MAX_KEY_LENGTH,
     MAX_KEYS_PER_RUN,
@@ -129,7 +131,13 @@ class ClientSession:
         """
         while self._pending:
             n = min(self.rows_per_batch, len(self._pending))
-            batch = Batch(seq=self._next_seq, rows=list(itertools.islice(self._pending, n)))
+            rows = list(itertools.islice(self._pending, n))
+            # A batch over the server's frame limit would be refused at every resend,
+            # and every batch after it: bounded by values, not rows alone.
+            if sum(map(len, map(_values_of, rows))) > BATCH_VALUES:
+                n = _rows_within(rows, BATCH_VALUES)
+                rows = rows[:n]
+            batch = Batch(seq=self._next_seq, rows=rows)
             while not self.outbox.accepts(batch):
                 if n == 1:
                     return False
@@ -372,6 +380,19 @@ class ServerSession:
     def frames_to_send(self) -> list[bytes]:
         frames, self._replies = self._replies, []
         return frames
+
+
+_values_of: Final = operator.itemgetter(2)
+
+
+def _rows_within(rows: list[Row], values: int) -> int:
+    """How many of the first ``rows`` hold at most ``values`` values; at least one."""
+    total = 0
+    for n, row in enumerate(rows):
+        total += len(row[2])
+        if total > values:
+            return max(n, 1)
+    return len(rows)
 
 
 def _decode(decoder: msgspec.msgpack.Decoder[T], data: bytes, what: str) -> T:
