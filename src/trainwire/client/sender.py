@@ -208,8 +208,8 @@ class Sender(threading.Thread):
         self._drain_to_disk()
 
     def _drain_to_disk(self) -> int:
-        """:meth:`_drain` where the rows may go to the run file (offline, or the server
-        away): a write that fails must not end the thread, which would silently drop
+        """:meth:`_drain` where the rows may go to the run file (offline, the server
+        away, or a backlog past the memory bound): a write that fails must not end the thread, which would silently drop
         every later row. The rows stay queued in the session and are written at a later
         pass; the failure is said once."""
         try:
@@ -229,7 +229,6 @@ class Sender(threading.Thread):
             return 0
 
     def _deliver(self, url: str) -> None:
-
         while not self._finished():
             try:
                 self._connect_and_pump(url)
@@ -310,8 +309,9 @@ class Sender(threading.Thread):
             idle = False
             if now >= next_flush or self._closing.is_set():
                 # Rows are taken once per flush interval, not once per ack: every pass
-                # holds the GIL that the training thread wants.
-                rows = self._drain()
+                # holds the GIL that the training thread wants. (A spill that fails to
+                # write is no reason to drop a working connection.)
+                rows = self._drain_to_disk()
                 next_flush = now + self.pace(rows, now - last_drain)
                 last_drain = now
                 idle = rows == 0  # a whole interval with nothing logged
