@@ -209,9 +209,9 @@ class Sender(threading.Thread):
 
     def _drain_to_disk(self) -> int:
         """:meth:`_drain` where the rows may go to the run file (offline, the server
-        away, or a backlog past the memory bound): a write that fails must not end the thread, which would silently drop
-        every later row. The rows stay queued in the session and are written at a later
-        pass; the failure is said once."""
+        away, or a backlog past the memory bound): a write that fails must not end the
+        thread, which would silently drop every later row. The rows stay queued in the
+        session and are written at a later pass; the failure is said once."""
         try:
             return self._drain()
         except Exception as exc:  # OSError mostly; anything else is as fatal to the run
