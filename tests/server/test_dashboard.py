@@ -1,12 +1,18 @@
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
+import msgspec
 from fastapi.testclient import TestClient
 from starlette.testclient import WebSocketTestSession
 
-from tests.server.conftest import SPEC, open_trainer, receive, send
-from trainwire.protocol.messages import Batch, Finish, RunSpec
+from tests.server.conftest import ADMIN_TOKEN, SPEC, app_settings, open_trainer, receive, send
+from trainwire.protocol.messages import Ack, Batch, Finish, RunSpec
+from trainwire.server.app import create_app
+from trainwire.server.ingest import BIG_BATCH_VALUES, BIG_FRAME_BYTES
+from trainwire.settings import Limits
 
 
 def log_batch(trainer: WebSocketTestSession, seq: int, *steps: int) -> None:
@@ -116,3 +122,27 @@ def test_bad_dashboard_messages_get_an_error_and_the_connection_stays(client: Te
         assert dash.receive_json()["type"] == "points"
         log_batch(trainer, 1, 5)
         assert steps(dash.receive_json()) == [5]
+
+
+def test_a_big_batch_is_decoded_and_framed_off_the_event_loop_and_arrives_whole(
+    tmp_path: Path,
+) -> None:
+    """Over BIG_FRAME_BYTES and BIG_BATCH_VALUES, both steps run in the thread pool:
+    the same points reach the dashboard as by the event loop's own path."""
+    settings = replace(app_settings(tmp_path), limits=Limits(max_frame_bytes=16 << 20))
+    rows = [(s, float(s), {f"k{i}": float(s * i) for i in range(100)}) for s in range(1000)]
+    big = Batch(seq=1, rows=rows)  # type: ignore[arg-type]
+    assert len(msgspec.msgpack.encode(big)) > BIG_FRAME_BYTES
+    assert sum(len(values) for _, _, values in rows) > BIG_BATCH_VALUES
+    app = create_app(settings)
+    with TestClient(app, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as client:
+        with open_trainer(client) as trainer, open_dashboard(client) as dash:
+            greeting(dash)
+            dash.send_json({"type": "subscribe", "run": "run-1", "after": 0})
+            assert dash.receive_json()["series"] == {}
+            send(trainer, big)
+            assert receive(trainer) == Ack(seq=1)
+            live = dash.receive_json()
+            assert live["seq"] == 1
+            assert live["series"]["k99"]["step"] == list(range(1000))
+            assert live["series"]["k99"]["value"] == [float(s * 99) for s in range(1000)]
