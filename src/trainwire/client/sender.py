@@ -440,17 +440,18 @@ class Sender(threading.Thread):
         tensor resolver (GPU values once their copies are done)."""
         if logged:
             self.tensors.submit(logged)
-            for key in self.tensors.take_changed():
-                self.dropped_values += 1
-                self._warn_once(
-                    f"changed:{key}",
-                    "trainwire dropped a value of %r: its tensor was changed in place after "
-                    "log(), before it could be read; log a copy (t.detach().clone()) of a "
-                    "tensor you change in place",
-                    key,
-                )
         rows: list[Row] = []
-        for step, at, metrics in self.tensors.ready(wait=closing):
+        ready = self.tensors.ready(wait=closing)
+        for key in self.tensors.take_changed():
+            self.dropped_values += 1
+            self._warn_once(
+                f"changed:{key}",
+                "trainwire dropped a value of %r: its tensor was changed in place after "
+                "log(), before it could be read; log a copy (t.detach().clone()) of a "
+                "tensor you change in place",
+                key,
+            )
+        for step, at, metrics in ready:
             if _is_plain(metrics):  # goes as it is: log() made this dict
                 rows.append((step, at, metrics))
                 continue

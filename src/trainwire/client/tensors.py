@@ -24,9 +24,10 @@ Being read later, a tensor changed in place after ``log()`` (a parameter the
 optimizer steps, an accumulator zeroed) would be logged with its new value. A copy
 per call would cost an allocation and a kernel launch every step, so ``log()``
 notes the tensor's version counter instead (:class:`Logged`), and the sender drops
-a value whose tensor changed before its copy was queued, and says so: silently
-wrong numbers are worse than a missing point. A copy queued before the change
-reads the logged value (the stream runs kernels in order).
+a value whose tensor changed by the time its copy was queued, and says so: silently
+wrong numbers are worse than a missing point. The counter is read once the copy is
+queued: a change queued after the copy cannot reach it (the stream runs kernels in
+order), and one queued before shows in the counter.
 """
 
 from __future__ import annotations
@@ -121,6 +122,8 @@ class _Copy:
 class _Pending:
     rows: list[Row]
     copies: list[_Copy] = field(default_factory=list)
+    # (row, key) of values whose tensors changed in place after log(): dropped.
+    stale: list[tuple[int, str]] = field(default_factory=list)
 
     def ready(self) -> bool:
         return all(c.event is None or c.event.query() for c in self.copies)
@@ -141,35 +144,32 @@ class TensorResolver:
         self._changed: list[str] = []
 
     def take_changed(self) -> list[str]:
-        """The keys of values dropped since the last call: their tensors changed in
-        place between ``log()`` and their copy."""
+        """The keys of values dropped from the rows handed back since the last call:
+        their tensors changed in place between ``log()`` and their copy."""
         changed, self._changed = self._changed, []
         return changed
 
     def submit(self, rows: list[Row]) -> None:
         groups: dict[tuple[Any, Any], list[tuple[int, str, Any]]] = {}
+        logged: list[tuple[int, str, Logged]] = []
         for index, (_, _, values) in enumerate(rows):
-            changed: list[str] = []
             for key, value in values.items():
                 kind = type(value)
                 if kind is float or kind is int:
                     continue  # most values: no attribute lookups for them
                 if kind is Logged:
-                    if value.changed:
-                        changed.append(key)
-                        continue
-                    value = values[key] = value.tensor  # the copy is queued now, in order
+                    logged.append((index, key, value))
+                    value = values[key] = value.tensor
                 if is_tensor(value) and value.numel() == 1:
                     groups.setdefault((value.device, value.dtype), []).append((index, key, value))
-            for key in changed:
-                del values[key]
-            self._changed.extend(changed)
         pending = _Pending(rows)
         if groups:
             torch = sys.modules["torch"]
             with torch.no_grad():
                 for (device, _), members in groups.items():
                     pending.copies.append(_copy(torch, device, members))
+        # Read once the copies are queued (see the module's docstring).
+        pending.stale = [(index, key) for index, key, value in logged if value.changed]
         self._pending.append(pending)
 
     def ready(self, wait: bool = False) -> list[Row]:
@@ -186,6 +186,9 @@ class TensorResolver:
                     copy.event.synchronize()
                 for (index, key), number in zip(copy.slots, copy.host.tolist(), strict=True):
                     pending.rows[index][2][key] = number
+            for index, key in pending.stale:
+                del pending.rows[index][2][key]
+                self._changed.append(key)
             out.extend(pending.rows)
         return out
 
