@@ -180,7 +180,7 @@ class Sender(threading.Thread):
                     # undelivered row on disk, for `trainwire sync`.
                     self.saving = True
                     if self._closing.is_set():
-                        self._drain_to_disk()
+                        self._drain_retrying()
                     try:
                         outbox.persist()
                     except Exception as exc:  # the thread's last act: say so, not a traceback
@@ -200,14 +200,14 @@ class Sender(threading.Thread):
             else:
                 self._wait(interval)
             now = time.monotonic()
-            rows = self._drain_to_disk()
+            rows = self._drain_retrying()
             # Stretched like a connected sender's: each pass writes to the file and
             # costs the loop a wake-up (a fast loop: 9% slower at 50 passes a second).
             interval = self.pace(rows, now - last_drain)
             last_drain = now
-        self._drain_to_disk()
+        self._drain_retrying()
 
-    def _drain_to_disk(self) -> int:
+    def _drain_retrying(self) -> int:
         """:meth:`_drain` where the rows may go to the run file (offline, the server
         away, or a backlog past the memory bound): a write that fails must not end the
         thread, which would silently drop every later row. The rows stay queued in the
@@ -279,7 +279,7 @@ class Sender(threading.Thread):
                 self._wake.clear()  # woken once by close(); later waits back off again
                 return
             now = time.monotonic()
-            rows = self._drain_to_disk()
+            rows = self._drain_retrying()
             interval = self.pace(rows, now - last_drain) if rows else IDLE_WAIT
             last_drain = now
 
@@ -311,7 +311,7 @@ class Sender(threading.Thread):
                 # Rows are taken once per flush interval, not once per ack: every pass
                 # holds the GIL that the training thread wants. (A spill that fails to
                 # write is no reason to drop a working connection.)
-                rows = self._drain_to_disk()
+                rows = self._drain_retrying()
                 next_flush = now + self.pace(rows, now - last_drain)
                 last_drain = now
                 idle = rows == 0  # a whole interval with nothing logged

@@ -44,7 +44,6 @@ __all__ = ["ClientSession", "ConnectionState", "ServerSession"]
 
 T = TypeVar("T")
 
-
 _encoder: Final = msgspec.msgpack.Encoder()
 _trainer_decoder: Final[msgspec.msgpack.Decoder[TrainerToServer]] = msgspec.msgpack.Decoder(
     TrainerToServer

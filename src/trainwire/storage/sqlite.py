@@ -240,18 +240,18 @@ class SQLiteStore:
             return self._settle_status(run_id, now)
 
     def mark_crashed(self, run_id: str, now: float) -> RunInfo | None:
-        with self._lock, self._transaction():
-            self._db.execute(
-                "UPDATE streams SET status = ? WHERE run_id = ? AND status = ?",
-                (RunStatus.CRASHED, run_id, RunStatus.RUNNING),
-            )
-            return self._settle_status(run_id, now)
+        return self._move_streams(run_id, RunStatus.RUNNING, RunStatus.CRASHED, now)
 
     def revive(self, run_id: str, now: float) -> RunInfo | None:
+        return self._move_streams(run_id, RunStatus.CRASHED, RunStatus.RUNNING, now)
+
+    def _move_streams(self, run_id: str, before: str, after: str, now: float) -> RunInfo | None:
+        """Every stream of the run in status ``before`` goes to ``after``; the run's
+        own status follows."""
         with self._lock, self._transaction():
             self._db.execute(
                 "UPDATE streams SET status = ? WHERE run_id = ? AND status = ?",
-                (RunStatus.RUNNING, run_id, RunStatus.CRASHED),
+                (after, run_id, before),
             )
             return self._settle_status(run_id, now)
 
