@@ -159,6 +159,7 @@ def test_a_refused_upgrade_raises_invalid_status() -> None:
     assert refused.value.response.status_code == 403
 
 
+@pytest.mark.usefixtures("frozen_heap")  # a full collection would land in the timings
 def test_a_server_that_stops_answering_is_found_dead_by_keepalive() -> None:
     silent = threading.Event()
 

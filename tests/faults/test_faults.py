@@ -360,8 +360,9 @@ def test_a_server_down_for_the_whole_loop_gets_every_point_once_it_starts(
 MAX_LOG_CALL = 50 * MS
 
 
+@pytest.mark.usefixtures("frozen_heap")
 def test_cut_stall_and_blackhole_lose_nothing_and_never_block_log(
-    live_server: LiveServer, proxy: FaultProxy, frozen_heap: None
+    live_server: LiveServer, proxy: FaultProxy
 ) -> None:
     """A cut is seen at once; a stall shorter than the ping timeout is waited out on
     the same connection; a blackhole is noticed only by the client's pings (see
@@ -422,6 +423,7 @@ def test_cut_stall_and_blackhole_lose_nothing_and_never_block_log(
 DOCUMENTED_REPLACEMENT = (2000 + 3000 + 1000) * MS
 
 
+@pytest.mark.usefixtures("frozen_heap")
 def test_a_dead_connection_is_replaced_within_the_documented_time_and_quietly(
     live_server: LiveServer, proxy: FaultProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
