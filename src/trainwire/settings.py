@@ -11,7 +11,12 @@ from typing import Final
 import platformdirs
 
 from trainwire.exceptions import ConfigError
-from trainwire.protocol.limits import MAX_FRAME_BYTES, MAX_KEY_LENGTH, MAX_KEYS_PER_RUN
+from trainwire.protocol.limits import (
+    MAX_FRAME_BYTES,
+    MAX_KEY_LENGTH,
+    MAX_KEYS_PER_RUN,
+    MAX_ROWS_PER_BATCH,
+)
 
 __all__ = [
     "DEFAULT_HOST",
@@ -56,7 +61,7 @@ class Limits:
     """
 
     max_frame_bytes: int = MAX_FRAME_BYTES
-    max_rows_per_batch: int = 10_000
+    max_rows_per_batch: int = MAX_ROWS_PER_BATCH
     max_key_length: int = MAX_KEY_LENGTH
     max_series_per_run: int = MAX_KEYS_PER_RUN
     max_new_runs_per_minute: int = 60

@@ -20,6 +20,7 @@ __all__ = [
     "MAX_FRAME_BYTES",
     "MAX_KEYS_PER_RUN",
     "MAX_KEY_LENGTH",
+    "MAX_ROWS_PER_BATCH",
     "STEP_MAX",
     "STEP_MIN",
     "key_problem",
@@ -28,6 +29,8 @@ __all__ = [
 
 MAX_KEY_LENGTH: Final = 200
 MAX_KEYS_PER_RUN: Final = 10_000
+# Rows (steps) in one batch; the client cuts its batches at a tenth of this.
+MAX_ROWS_PER_BATCH: Final = 10_000
 # SQLite integers are signed 64-bit.
 STEP_MIN: Final = -(2**63)
 STEP_MAX: Final = 2**63 - 1

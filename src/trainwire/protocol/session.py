@@ -22,6 +22,7 @@ from trainwire.protocol.limits import (
     MAX_CONFIG_DEPTH,
     MAX_KEY_LENGTH,
     MAX_KEYS_PER_RUN,
+    MAX_ROWS_PER_BATCH,
     key_problem,
     nests_deeper_than,
 )
@@ -282,7 +283,7 @@ class ServerSession:
     def __init__(
         self,
         *,
-        max_rows_per_batch: int = 10_000,
+        max_rows_per_batch: int = MAX_ROWS_PER_BATCH,
         max_key_length: int = MAX_KEY_LENGTH,
         max_series_per_run: int = MAX_KEYS_PER_RUN,
     ) -> None:
