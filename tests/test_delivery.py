@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -283,6 +284,47 @@ def test_rows_undelivered_at_finish_stay_on_disk_and_sync_later(
         assert main(["sync", str(run.path), "--url", server.url]) == 0
         assert stored_steps(server, run.id, "x") == list(range(300))
         assert server.store.get_run(run.id).status == "finished"  # type: ignore[union-attr]
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def hung_resolver(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """A name lookup of ``*.hung.invalid`` that does not answer (a DNS server dropping
+    packets), until the test ends; every other lookup as usual. Yields the names
+    looked up, one entry per lookup that reached the resolver."""
+    import socket
+
+    real, released, asked = socket.getaddrinfo, threading.Event(), []
+
+    def getaddrinfo(host: str, *args: object, **kwargs: object) -> object:
+        if host.endswith(".hung.invalid") and not kwargs.get("flags"):
+            asked.append(host)
+            released.wait(30)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    yield asked
+    released.set()
+
+
+def test_a_name_lookup_that_never_answers_still_leaves_the_rows_on_disk(
+    tmp_path: Path, hung_resolver: list[str]
+) -> None:
+    """getaddrinfo takes no timeout: a sender blocked in it for the resolver's 10-30 s
+    missed the time finish() gives it to save, and the rows went with the process."""
+    run = trainwire.init(url="https://trainwire.hung.invalid:8765")
+    for step in range(300):
+        run.log({"x": float(step)})
+    run.finish(timeout=200 * MS)
+    assert hung_resolver  # the sender did try the name
+    assert not run.delivered and run.path.exists()
+    server = LiveServer(data_dir=tmp_path / "server")
+    server.start()
+    try:
+        assert main(["sync", str(run.path), "--url", server.url]) == 0
+        assert stored_steps(server, run.id, "x") == list(range(300))
     finally:
         server.stop()
 

@@ -21,6 +21,7 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
 from websockets.server import ServerProtocol
 
+from trainwire.client import link as link_module
 from trainwire.client.link import Link, LinkTimeout
 
 Script = Callable[[socket.socket, ServerProtocol], None]
@@ -202,3 +203,29 @@ def test_a_live_server_keeps_the_link_alive_through_many_pings() -> None:
         stop.set()
         link.close()
     assert pings >= 5
+
+
+def test_a_name_lookup_gives_up_at_the_deadline_and_is_not_started_twice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """getaddrinfo has no timeout: the lookup runs on a thread of its own, abandoned
+    at the connection's deadline; a retry while it still hangs waits for the same one."""
+    real, released, asked = socket.getaddrinfo, threading.Event(), []
+
+    def getaddrinfo(host: str, *args: object, **kwargs: object) -> object:
+        if host == "server.hung.invalid" and not kwargs.get("flags"):
+            asked.append(host)
+            released.wait(30)
+            return real("127.0.0.1", *args, **kwargs)  # type: ignore[arg-type]
+        return real(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    try:
+        for _ in range(2):
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                link_module._connect("server.hung.invalid", 9, started + 100 * MS)
+            assert time.monotonic() - started < 1000 * MS
+        assert asked == ["server.hung.invalid"]
+    finally:
+        released.set()

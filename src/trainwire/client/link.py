@@ -22,9 +22,10 @@ import logging
 import selectors
 import socket
 import ssl
+import threading
 import time
-from collections.abc import Mapping
-from typing import Final
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
 
 from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosedError, InvalidState
@@ -299,10 +300,9 @@ def _connect(host: str, port: int, deadline: float) -> socket.socket:
     ``deadline``. ``socket.create_connection`` gives each address the whole timeout:
     a name with several addresses (localhost: ::1 and 127.0.0.1) behind a firewall
     that drops packets would take that many times as long, past the time finish()
-    waits for the sender to save what it holds. (The name lookup itself has no
-    timeout in the standard library.)"""
+    waits for the sender to save what it holds."""
     error: OSError = TimeoutError(f"could not connect to {host}:{port} in time")
-    for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+    for family, kind, proto, _, address in _addresses(host, port, deadline):
         left = deadline - time.monotonic()
         if left <= 0:
             break
@@ -315,3 +315,53 @@ def _connect(host: str, port: int, deadline: float) -> socket.socket:
             sock.close()
             error = exc
     raise error
+
+
+_AddrInfo = Sequence[tuple[socket.AddressFamily, socket.SocketKind, int, str, Any]]
+
+
+class _Lookup:
+    """One name lookup, on a daemon thread of its own: ``getaddrinfo`` takes no
+    timeout, and a resolver that does not answer (an air-gapped cluster's DNS
+    misconfigured) blocks it for 10-30 s. A sender blocked there would miss the time
+    finish() gives it to save its rows to the run file, and they would be lost with
+    the process. A lookup that outlives its caller's deadline is left to finish; the
+    next connection attempt to the same name waits for it rather than start another."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.done = threading.Event()
+        self.result: _AddrInfo | OSError = TimeoutError(f"looking up {host} timed out")
+        threading.Thread(
+            target=self._run, args=(host, port), name="trainwire-lookup", daemon=True
+        ).start()
+
+    def _run(self, host: str, port: int) -> None:
+        try:
+            self.result = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            self.result = exc
+        finally:
+            with _lookups_lock:
+                _lookups.pop((host, port), None)
+            self.done.set()
+
+
+_lookups: dict[tuple[str, int], _Lookup] = {}
+_lookups_lock: Final = threading.Lock()
+
+
+def _addresses(host: str, port: int, deadline: float) -> _AddrInfo:
+    """``host``'s addresses, or TimeoutError at ``deadline``."""
+    try:  # an address, not a name (the common case: 127.0.0.1): nothing to look up
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        pass
+    with _lookups_lock:
+        lookup = _lookups.get((host, port))
+        if lookup is None:
+            lookup = _lookups[(host, port)] = _Lookup(host, port)
+    lookup.done.wait(max(0.0, deadline - time.monotonic()))
+    result = lookup.result
+    if isinstance(result, OSError):
+        raise result
+    return result
