@@ -137,3 +137,30 @@ def test_followers_count_the_runs_that_open_dashboards_follow() -> None:
     assert "r" in followers
     second.close()
     assert "r" not in followers
+
+
+def test_a_stalled_dashboards_queue_is_bounded_in_bytes_too() -> None:
+    """1024 events whatever their size: a client's batch of 16,384 values frames as
+    about 0.64 MB of JSON, so one browser that stopped reading pinned about 650 MB
+    before it fell back to storage. Past max_queued_bytes it falls back at once."""
+    history, browser = History(), Browser()
+    big = [(s, 0.0, {f"k{i}": 1.0 / (s + i + 1) for i in range(16)}) for s in range(1024)]
+    frame = encode_json(Points(run="r", seq=1, series=series_from_rows(big)))  # type: ignore[arg-type]
+
+    def commit(seq: int) -> PointsCommitted:  # stored as one step; framed big
+        history.commit(seq, seq)
+        return PointsCommitted("r", seq - 1, seq, frame)
+
+    async def scenario() -> None:
+        feed = DashboardFeed(history.read, browser.send, max_queued_bytes=10 * len(frame))
+        feed.command(Subscribe("r", 0))
+        await feed.pump()
+        for seq in range(1, 11):  # the browser reads nothing; ten frames fit
+            feed.on_event(commit(seq))
+        assert feed.overflows == 0
+        feed.on_event(commit(11))
+        assert feed.overflows == 1
+        await feed.pump()  # caught up from storage, nothing lost
+        assert browser.steps() == list(range(1, 12))
+
+    asyncio.run(scenario())

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from trainwire.exceptions import StorageError
 from trainwire.protocol.messages import RunInfo, RunSpec
 from trainwire.server.app import reap_crashed_runs
 from trainwire.server.bus import BusEvent, MemoryBus, RunChanged
@@ -98,4 +99,32 @@ def test_a_trainer_that_says_hello_as_the_reaper_writes_keeps_its_run_running(
     # A trainer is connected and streaming: neither storage nor dashboards say crashed.
     assert announced.status == "running"
     assert store.running_runs() == ["r1"]
+    store.close()
+
+
+class FailsOnce(SQLiteStore):
+    """The real store, whose first look for running runs meets a transient error, as
+    SQLite's ``database is locked`` (another process writing the file for longer than
+    the 5 s busy timeout) or a full disk would give."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.failed = False
+
+    def running_runs(self) -> list[str]:
+        if not self.failed:
+            self.failed = True
+            raise StorageError("database is locked")
+        return super().running_runs()
+
+
+def test_one_transient_storage_error_does_not_end_the_reaper_for_good(tmp_path: Path) -> None:
+    # The reaper is one task for the server's whole life: a single failed read must
+    # not leave every later vanished trainer's run "running" forever.
+    store = FailsOnce(tmp_path / "t.db")
+    store.open_run(SPEC, "gone", now=1.0)
+    watch = RunWatch(timeout=0.0, now=0.0)
+    announced = asyncio.run(first_announcement(store, watch))
+    assert announced.status == "crashed"
+    assert store.running_runs() == []
     store.close()

@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.staticfiles import StaticFiles
 
 from trainwire import __version__
+from trainwire.exceptions import StorageError
 from trainwire.server.api import router
 from trainwire.server.auth import Authenticator, AuthMiddleware, SecurityHeadersMiddleware
 from trainwire.server.bus import Bus, MemoryBus, RunChanged
@@ -33,23 +34,36 @@ async def reap_crashed_runs(store: Store, bus: Bus, watch: RunWatch) -> None:
     """Mark ``crashed`` every run whose trainers vanished without finishing."""
     while True:
         await asyncio.sleep(watch.timeout / 4)  # a period, not a wait for an event
-        running = await run_in_threadpool(store.running_runs)
-        for run_id in watch.overdue(running, time.time()):
-            info = await run_in_threadpool(store.mark_crashed, run_id, time.time())
-            if not watch.overdue([run_id], time.time()):
-                # A trainer said hello while mark_crashed ran in its thread, and the
-                # write may have caught the stream it opened: undone, as if the hello
-                # had come first. Ingest counts a trainer connected before it opens
-                # the stream, so no such hello goes unseen here. (Cheaper than a lock
-                # that would queue every hello behind the reaper: a second write, only
-                # in this race.)
-                info = await run_in_threadpool(store.revive, run_id, time.time())
-            else:
-                watch.forget(run_id)
-                if info is not None:
-                    logger.warning("run %s crashed: no trainer for %g s", run_id, watch.timeout)
+        # One task for the server's whole life: an error (a file locked by another
+        # process past the busy timeout, a full disk) is said and tried again next
+        # period, or every trainer that vanished later would leave its run "running".
+        try:
+            await _reap_once(store, bus, watch)
+        except StorageError as exc:
+            logger.error("looking for crashed runs failed (%s); trying again", exc)
+        except Exception:
+            logger.exception("looking for crashed runs failed; trying again")
+
+
+async def _reap_once(store: Store, bus: Bus, watch: RunWatch) -> None:
+    """Mark ``crashed`` the runs overdue now."""
+    running = await run_in_threadpool(store.running_runs)
+    for run_id in watch.overdue(running, time.time()):
+        info = await run_in_threadpool(store.mark_crashed, run_id, time.time())
+        if not watch.overdue([run_id], time.time()):
+            # A trainer said hello while mark_crashed ran in its thread, and the
+            # write may have caught the stream it opened: undone, as if the hello
+            # had come first. Ingest counts a trainer connected before it opens
+            # the stream, so no such hello goes unseen here. (Cheaper than a lock
+            # that would queue every hello behind the reaper: a second write, only
+            # in this race.)
+            info = await run_in_threadpool(store.revive, run_id, time.time())
+        else:
+            watch.forget(run_id)
             if info is not None:
-                await bus.publish(RunChanged(info))
+                logger.warning("run %s crashed: no trainer for %g s", run_id, watch.timeout)
+        if info is not None:
+            await bus.publish(RunChanged(info))
 
 
 def create_app(

@@ -48,6 +48,9 @@ ReadMetrics = Callable[[str, int], Awaitable[tuple[int, dict[str, Series]]]]
 SendFrame = Callable[[bytes], Awaitable[None]]
 
 DEFAULT_MAX_QUEUED: Final = 1024
+# Frames are shared by every dashboard, but a stalled one keeps its queue's alive:
+# bounded in bytes too, or 1024 large batches would pin gigabytes for one browser.
+DEFAULT_MAX_QUEUED_BYTES: Final = 64 << 20
 
 
 class Followers:
@@ -91,7 +94,10 @@ class DashboardFeed:
         send: SendFrame,
         max_queued: int = DEFAULT_MAX_QUEUED,
         followers: Followers | None = None,
+        max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
     ) -> None:
+        self._max_queued_bytes = max_queued_bytes
+        self._queued_bytes = 0
         self._followers = followers if followers is not None else Followers()
         self._following: set[str] = set()
         self._read_metrics = read_metrics
@@ -113,12 +119,17 @@ class DashboardFeed:
             case PointsCommitted(run_id=run_id):
                 if run_id not in self._last_sent:
                     return
-                if len(self._events) >= self._max_queued:
+                if (
+                    len(self._events) >= self._max_queued
+                    or self._queued_bytes + len(event.frame) > self._max_queued_bytes
+                ):
                     self._events.clear()
+                    self._queued_bytes = 0
                     self._overflowed = True
                     self.overflows += 1
                 else:
                     self._events.append(event)
+                    self._queued_bytes += len(event.frame)
             case RunChanged(run=run):
                 # Coalesced: only a run's latest state matters.
                 self._run_updates[run.id] = run
@@ -163,6 +174,7 @@ class DashboardFeed:
         if self._overflowed:
             self._overflowed = False
             self._events.clear()
+            self._queued_bytes = 0
             for run_id in list(self._last_sent):
                 await self._catch_up(run_id, snapshot=False)
         while self._run_updates:
@@ -170,6 +182,7 @@ class DashboardFeed:
             await self._send(encode_json(RunUpdate(run=run)))
         while self._events and not self._overflowed:
             event = self._events.popleft()
+            self._queued_bytes -= len(event.frame)
             last = self._last_sent.get(event.run_id)
             if last is None or event.seq <= last:
                 continue  # unsubscribed, or already sent by a catch-up
