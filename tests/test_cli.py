@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -48,3 +51,79 @@ def test_help_lists_the_commands() -> None:
         [sys.executable, "-m", "trainwire", "--help"], capture_output=True, text=True, check=True
     )
     assert "serve" in result.stdout and "demo" in result.stdout
+
+
+def trainwire(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "trainwire", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def assert_clear_error(result: subprocess.CompletedProcess[str], says: str) -> None:
+    assert result.returncode in (1, 2), result
+    assert "Traceback" not in result.stderr, result.stderr
+    assert says in result.stderr, result.stderr
+
+
+def test_a_bad_trainwire_port_variable_is_one_clear_line(tmp_path: Path) -> None:
+    result = trainwire("token", "--data", str(tmp_path), "list", env={"TRAINWIRE_PORT": "http"})
+    assert_clear_error(result, "TRAINWIRE_PORT must be a port number")
+
+
+def test_syncing_a_file_that_is_not_there_is_one_clear_line(tmp_path: Path) -> None:
+    missing = tmp_path / "run.twrun"
+    result = trainwire("sync", str(missing), "--url", "http://127.0.0.1:9")
+    assert_clear_error(result, str(missing))
+
+
+@pytest.mark.parametrize("port", ["70000", "-1"])
+def test_a_port_out_of_range_is_one_clear_line(tmp_path: Path, port: str) -> None:
+    result = trainwire("serve", "--port", port, "--data", str(tmp_path))
+    assert_clear_error(result, port)
+
+
+def test_a_missing_certificate_is_one_clear_line(tmp_path: Path) -> None:
+    result = trainwire(
+        "serve",
+        "--port",
+        "0",
+        "--data",
+        str(tmp_path / "data"),
+        "--certfile",
+        str(tmp_path / "cert.pem"),
+        "--keyfile",
+        str(tmp_path / "key.pem"),
+    )
+    assert_clear_error(result, "cert.pem")
+
+
+def test_a_heartbeat_timeout_of_zero_or_less_is_refused(tmp_path: Path) -> None:
+    """0 would mark every run crashed the moment its trainer blinked, and spin the
+    reaper (asyncio.sleep(0) in a loop) at full CPU."""
+    try:
+        result = trainwire(
+            "serve", "--port", "0", "--data", str(tmp_path), "--heartbeat-timeout", "0", timeout=10
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("trainwire serve --heartbeat-timeout 0 started serving")
+    assert_clear_error(result, "heartbeat")
+
+
+def test_the_data_directory_the_cli_makes_is_private(tmp_path: Path) -> None:
+    """README: the data directory is 0700 (it holds every run, and the token)."""
+    made_by_token = tmp_path / "by-token"
+    assert trainwire("token", "--data", str(made_by_token), "list").returncode == 0
+    made_by_serve = tmp_path / "by-serve"
+    with socket.socket() as taken:  # serve makes its directory, then fails to bind
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        trainwire("serve", "--port", port, "--data", str(made_by_serve))
+    for made in (made_by_token, made_by_serve):
+        assert stat.S_IMODE(made.stat().st_mode) == 0o700, made

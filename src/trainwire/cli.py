@@ -11,14 +11,18 @@ from pathlib import Path
 
 from trainwire import __version__
 from trainwire.exceptions import ConfigError, TrainwireError
-from trainwire.settings import Settings
+from trainwire.settings import Settings, check_port, check_seconds
 
 __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``trainwire`` command line; returns the exit status."""
-    env = Settings.from_env()
+    try:
+        env = Settings.from_env()
+    except ConfigError as exc:
+        print(f"trainwire: {exc}", file=sys.stderr)
+        return 2
     parser = _parser(env)
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -64,12 +68,12 @@ def _parser(env: Settings) -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the server and dashboard")
     serve.add_argument("--host", default=env.host, help="address to bind (default %(default)s)")
     serve.add_argument(
-        "--port", type=int, default=env.port, help="port; 0 picks one (default %(default)s)"
+        "--port", type=_port, default=env.port, help="port; 0 picks one (default %(default)s)"
     )
     serve.add_argument("--data", type=Path, default=env.data_dir, help=data_help)
     serve.add_argument(
         "--heartbeat-timeout",
-        type=float,
+        type=_seconds,
         default=env.heartbeat_timeout,
         help="seconds with no trainer before a run is marked crashed (default %(default)s)",
     )
@@ -116,6 +120,24 @@ def _parser(env: Settings) -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=None, help="epochs (default: about a minute)")
     demo.add_argument("--url", default=None, help="server URL (default: TRAINWIRE_URL or local)")
     return parser
+
+
+def _port(text: str) -> int:
+    try:
+        return check_port(int(text), "--port")
+    except (ValueError, ConfigError) as exc:
+        raise argparse.ArgumentTypeError(
+            str(exc) if isinstance(exc, ConfigError) else f"not a port number: {text!r}"
+        ) from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        return check_seconds(float(text), "--heartbeat-timeout")
+    except (ValueError, ConfigError) as exc:
+        raise argparse.ArgumentTypeError(
+            str(exc) if isinstance(exc, ConfigError) else f"not seconds: {text!r}"
+        ) from None
 
 
 def _serve(args: argparse.Namespace, env: Settings) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,9 +23,12 @@ __all__ = [
     "DEFAULT_HOST",
     "DEFAULT_PORT",
     "DISCOVERY_FILE",
+    "LOCK_FILE",
     "TOKEN_FILE",
     "Limits",
     "Settings",
+    "check_port",
+    "check_seconds",
     "default_data_dir",
     "is_loopback",
 ]
@@ -32,6 +36,8 @@ __all__ = [
 DEFAULT_HOST: Final = "127.0.0.1"
 # In a data directory: the running server's URL and pid, and its admin token.
 DISCOVERY_FILE: Final = "server.json"
+# Held (flock) by the server of a data directory for exactly as long as it lives.
+LOCK_FILE: Final = "server.lock"
 TOKEN_FILE: Final = "token"
 DEFAULT_PORT: Final = 8765
 
@@ -130,6 +136,7 @@ class Settings:
             port_number = int(port)
         except ValueError:
             raise ConfigError(f"TRAINWIRE_PORT must be a port number, not {port!r}") from None
+        check_port(port_number, "TRAINWIRE_PORT")
         timeout = env.get("TRAINWIRE_HEARTBEAT_TIMEOUT", "60")
         try:
             heartbeat_timeout = float(timeout)
@@ -137,6 +144,7 @@ class Settings:
             raise ConfigError(
                 f"TRAINWIRE_HEARTBEAT_TIMEOUT must be seconds, not {timeout!r}"
             ) from None
+        check_seconds(heartbeat_timeout, "TRAINWIRE_HEARTBEAT_TIMEOUT")
         return cls(
             host=env.get("TRAINWIRE_HOST", DEFAULT_HOST),
             port=port_number,
@@ -144,6 +152,28 @@ class Settings:
             heartbeat_timeout=heartbeat_timeout,
             token=env.get("TRAINWIRE_TOKEN") or None,
         )
+
+
+def check_port(port: int, name: str) -> int:
+    """``port`` if it is one (0 picks a free one).
+
+    Raises:
+        ConfigError: not 0 to 65535.
+    """
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{name} must be a port number from 0 to 65535, not {port}")
+    return port
+
+
+def check_seconds(seconds: float, name: str) -> float:
+    """``seconds`` if it is a positive, finite duration.
+
+    Raises:
+        ConfigError: zero, negative, NaN or infinite.
+    """
+    if not (0 < seconds < math.inf):
+        raise ConfigError(f"{name} must be a positive number of seconds, not {seconds:g}")
+    return seconds
 
 
 def is_loopback(host: str) -> bool:

@@ -9,7 +9,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from tests.conftest import MS, LiveServer
 
+import trainwire
 from trainwire import __version__
 from trainwire.client import environment
 
@@ -116,3 +118,19 @@ def test_credentials_on_the_command_line_are_masked() -> None:
         "***",
         "tokenizer.json",
     ]
+
+
+def test_a_command_line_argument_that_is_not_utf8_costs_nothing(
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Linux hands Python undecodable bytes in argv as lone surrogates
+    (``python train.py --out=caf$'\\xe9'`` in a UTF-8 locale): the run must still
+    be recorded, with an argv that JSON and msgpack can carry."""
+    monkeypatch.setattr(sys, "argv", ["train.py", "--out=caf\udce9"])
+    env = environment.collect()
+    json.dumps(env).encode()  # what the server stores; raises on a lone surrogate
+    run = trainwire.init(url=live_server.url)
+    run.log({"loss": 1.0})
+    run.finish(timeout=10_000 * MS)
+    assert run.delivered
+    assert live_server.store.get_run(run.id) is not None

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from tests.conftest import MS
 
 import trainwire
 from trainwire.cli import main
@@ -56,3 +60,48 @@ def test_trainwire_stop_stops_the_server_of_a_data_directory(
     assert read_discovery(data_dir) is None
     assert main(["stop", "--data", str(data_dir)]) == 0
     assert capsys.readouterr().out.strip() == "no trainwire server running"
+
+
+VICTIM_TOKEN = "the-users-own-admin-token"
+
+
+def test_a_stale_server_json_never_sends_the_admin_token_to_whoever_holds_the_port_now(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a reboot (or a server killed with SIGKILL) server.json still names the old
+    port. Another user of the machine may listen there now, answering as trainwire
+    does: the token in the data directory must not be handed to that process."""
+    seen: list[str] = []
+
+    class Impostor(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            seen.append(self.headers.get("Authorization", ""))
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Bearer realm="trainwire"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    impostor = ThreadingHTTPServer(("127.0.0.1", 0), Impostor)
+    threading.Thread(target=impostor.serve_forever, daemon=True).start()
+    try:
+        data_dir.mkdir(mode=0o700, parents=True)
+        (data_dir / "token").write_text(VICTIM_TOKEN + "\n")
+        # What a server killed before it could clean up leaves behind; no server holds
+        # the data directory's lock now.
+        port = impostor.server_address[1]
+        stale = {"url": f"http://127.0.0.1:{port}", "pid": 999_999, "version": "0.1.0"}
+        (data_dir / "server.json").write_text(json.dumps(stale))
+        monkeypatch.delenv("TRAINWIRE_TOKEN")
+        monkeypatch.setenv("TRAINWIRE_DATA", str(data_dir))
+        monkeypatch.setenv("TRAINWIRE_PORT", "0")
+        run = trainwire.init(project="local", name="after-reboot")
+        run.log({"loss": 0.5})
+        run.finish(timeout=3_000 * MS)
+    finally:
+        impostor.shutdown()
+        impostor.server_close()
+    assert not [header for header in seen if VICTIM_TOKEN in header], seen
+    assert run.delivered  # to the user's own server, started afresh

@@ -199,3 +199,18 @@ def test_persist_keeps_a_finish_that_is_the_only_item_left(tmp_path: Path) -> No
         assert again.items(1, 10) == [Finish(seq=2)]
     finally:
         again.close()
+
+
+def test_a_zero_filled_tail_left_by_a_crash_is_left_out(tmp_path: Path) -> None:
+    """After a power cut a file system may keep a file's new size but not the data
+    written into it: the tail reads as zeros, a length prefix of 0. The records
+    before it are whole and must read back (and `trainwire sync` must not traceback)."""
+    box = outbox(tmp_path, memory_rows=0, keep=True)
+    for seq in range(1, 4):
+        box.append(batch(seq))
+    box.close()
+    with box.path.open("ab") as handle:
+        handle.write(bytes(4096))
+    again = SpillingOutbox.open_existing(box.path)
+    assert [i.seq for i in again.items(1, 10)] == [1, 2, 3]
+    again.close()

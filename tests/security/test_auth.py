@@ -18,7 +18,10 @@ import msgspec
 import pytest
 from fastapi.testclient import TestClient
 from starlette.testclient import WebSocketTestSession
+from websockets.exceptions import ConnectionClosedError
+from websockets.sync.client import connect
 
+from tests.conftest import MS, LiveServer
 from trainwire.exceptions import ConfigError
 from trainwire.protocol.messages import (
     PROTOCOL_VERSION,
@@ -30,8 +33,9 @@ from trainwire.protocol.messages import (
     ServerToTrainer,
     Welcome,
 )
+from trainwire.server import auth
 from trainwire.server.app import create_app
-from trainwire.server.auth import COOKIE
+from trainwire.server.auth import COOKIE, AccessScope, Authenticator
 from trainwire.server.runner import admin_token, check_exposure
 from trainwire.settings import Limits, Settings
 from trainwire.storage.tokens import TokenStore
@@ -87,8 +91,13 @@ def open_trainer(
         yield ws
 
 
-def store_run(client: TestClient, spec: RunSpec = RUN, rows: list[Row] = STORED_ROWS) -> None:
-    with open_trainer(client, spec) as ws:
+def store_run(
+    client: TestClient,
+    spec: RunSpec = RUN,
+    rows: list[Row] = STORED_ROWS,
+    headers: dict[str, str] = ADMIN,
+) -> None:
+    with open_trainer(client, spec, headers) as ws:
         send(ws, Batch(seq=1, rows=rows))
         assert receive(ws) == Ack(seq=1)
 
@@ -436,12 +445,20 @@ def test_a_configured_origin_is_accepted_and_others_still_refused(tmp_path: Path
 # -- authentication off, exposure, the admin token file ---------------------------------------
 
 
+# A server with auth off serves loopback Host names alone (DNS rebinding, below).
+LOOPBACK_URL = "http://127.0.0.1:8765"
+LOOPBACK = {"Host": "127.0.0.1:8765"}
+
+
 def test_with_auth_off_everything_is_served_without_a_token(tmp_path: Path) -> None:
-    with TestClient(create_app(settings_for(tmp_path, token=None, auth=False))) as client:
-        with client.websocket_connect("/ws/ingest") as ws:
+    with TestClient(
+        create_app(settings_for(tmp_path, token=None, auth=False)), base_url=LOOPBACK_URL
+    ) as client:
+        # TestClient names "testserver" as the Host of its WebSockets, whatever base_url.
+        with client.websocket_connect("/ws/ingest", headers=LOOPBACK) as ws:
             send(ws, hello())
             assert isinstance(receive(ws), Welcome)
-        assert dashboard_hello(client, {})["type"] == "hello"
+        assert dashboard_hello(client, LOOPBACK)["type"] == "hello"
         for path in ("/", "/api/runs", "/api/runs/run-1", "/openapi.json"):
             assert client.get(path).status_code == 200, path
         assert client.delete("/api/runs/run-1").status_code == 204
@@ -602,3 +619,100 @@ def test_the_series_cap_counts_writers_that_opened_the_run_together(tmp_path: Pa
             send(second, Batch(seq=1, rows=[(0, 1.0, {"d": 1.0})]))
             message = second.receive()
         assert message["type"] == "websocket.close" and message["code"] == 1008, message
+
+
+def test_a_long_foreign_origin_is_still_closed_4403_with_a_reason(live_server: LiveServer) -> None:
+    """The reason names the origin, which the client chose: a long one must not
+    overflow the close frame (125 bytes) and crash the refusal into a bare drop and
+    an "Exception in ASGI application" traceback in the server's log."""
+    origin = "https://" + "a" * 200 + ".example"
+    with connect(
+        f"{live_server.ws_url}/ws/dashboard",
+        additional_headers={**live_server.auth, "Origin": origin},
+        open_timeout=10_000 * MS,
+    ) as ws:
+        with pytest.raises(ConnectionClosedError) as info:
+            ws.recv(timeout=10_000 * MS)
+    assert info.value.rcvd is not None
+    assert info.value.rcvd.code == 4403
+    assert info.value.rcvd.reason.startswith("origin https://aaa")
+
+
+def test_a_revoked_share_token_ends_the_dashboard_it_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README: `trainwire token revoke ID` ends a share link, and a revoked token gets
+    close 4401. A dashboard opened with it before must not go on receiving every new
+    run and point."""
+    monkeypatch.setattr(auth, "RECHECK_SECONDS", 0.0)  # read at every frame
+    settings = settings_for(tmp_path)
+    with TestClient(create_app(settings)) as client:
+        tokens = TokenStore(settings.db_path)
+        try:
+            token_id, secret = tokens.create("read", time.time(), None, "a colleague")
+            with client.websocket_connect(
+                "/ws/dashboard", headers={"Authorization": f"Bearer {secret}"}
+            ) as ws:
+                assert ws.receive_json()["type"] == "hello"
+                assert ws.receive_json() == {"type": "runs", "runs": []}
+                assert tokens.revoke(token_id)
+                store_run(client, RunSpec(id="secret-run", project="p", name="unpublished"))
+                code, _ = closed(ws)
+                assert code == 4401
+        finally:
+            tokens.close()
+
+
+@pytest.mark.parametrize("path", ["/api/runs", "/api/runs/run-1/metrics"])
+def test_with_auth_off_a_page_of_another_site_rebound_to_loopback_reads_nothing(
+    tmp_path: Path, path: str
+) -> None:
+    """--no-auth is allowed on loopback only because only this machine can reach it.
+    A web page the user opens elsewhere can still get there by DNS rebinding
+    (attacker.example resolving to 127.0.0.1): its requests then carry
+    ``Host: attacker.example:8765``, and same-origin rules let the page read the
+    answers. A loopback-only server must refuse any other Host."""
+    settings = settings_for(tmp_path, token=None, auth=False)
+    with TestClient(create_app(settings), base_url=LOOPBACK_URL) as client:
+        store_run(client, headers=LOOPBACK)
+        assert client.get(path).status_code == 200  # the user's own browser, via 127.0.0.1
+        rebound = client.get(path, headers={"Host": "attacker.example:8765"})
+        assert rebound.status_code in (400, 403), rebound.text
+        origin = {"Host": "attacker.example:8765", "Origin": "http://attacker.example:8765"}
+        with client.websocket_connect("/ws/dashboard", headers=origin) as ws:
+            message = ws.receive()
+        assert message["type"] == "websocket.close", message
+
+
+def test_an_empty_token_file_is_not_an_admin_token_nobody_can_send(tmp_path: Path) -> None:
+    """A first start cut short after the token file was made but before its line was
+    written (a full disk, a kill) leaves it empty. The server then started with the
+    admin token "", which no request can match: its printed link carried no token and
+    every client of this data directory was refused, with nothing said."""
+    settings = Settings(data_dir=tmp_path / "data")
+    settings.data_dir.mkdir()
+    settings.token_path.write_text("")
+    try:
+        token = admin_token(settings)
+    except ConfigError as exc:  # refusing, with a clear word, would do too
+        assert str(settings.token_path) in str(exc)
+        return
+    assert token, "an empty admin token"
+
+
+def test_a_share_tokens_scope_is_read_again_at_most_once_a_recheck_interval() -> None:
+    """Hundreds of dashboards on one share link must not cost a query a frame each."""
+    reads: list[str] = []
+    revoked = False
+
+    def lookup(token: str, now: float) -> str | None:
+        reads.append(token)
+        return None if revoked else "read"
+
+    authenticator = Authenticator(admin_token=ADMIN_TOKEN, lookup=lookup)
+    assert authenticator.still_grants("share", AccessScope.READ, now=100.0)
+    revoked = True
+    assert authenticator.still_grants("share", AccessScope.READ, now=100.5)  # as read
+    assert not authenticator.still_grants("share", AccessScope.WRITE, now=100.5)
+    assert not authenticator.still_grants("share", AccessScope.READ, now=101.0)
+    assert reads == ["share", "share"]

@@ -8,6 +8,7 @@ so concurrent scripts share it instead of racing to start several.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Final
 
 from trainwire.exceptions import TransientError
-from trainwire.settings import DEFAULT_PORT, DISCOVERY_FILE, TOKEN_FILE
+from trainwire.settings import DEFAULT_PORT, DISCOVERY_FILE, LOCK_FILE, TOKEN_FILE
 
 __all__ = ["ensure_local_server", "is_trainwire", "local_token", "read_discovery"]
 
@@ -67,6 +68,21 @@ def read_discovery(data_dir: Path) -> str | None:
     return url if isinstance(url, str) else None
 
 
+def _held(data_dir: Path) -> bool:
+    """Whether a server process holds ``data_dir`` (its lock) right now. Shared, and
+    for an instant: a server starting meanwhile tries again (runner._take_lock)."""
+    try:
+        with open(data_dir / LOCK_FILE, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return False
+    except OSError:
+        return False
+
+
 def ensure_local_server(data_dir: Path, port: int = DEFAULT_PORT, timeout: float = 15.0) -> str:
     """The URL of the server for ``data_dir``, started in the background if none runs.
 
@@ -77,7 +93,10 @@ def ensure_local_server(data_dir: Path, port: int = DEFAULT_PORT, timeout: float
         TransientError: no server could be started within ``timeout`` seconds.
     """
     url = read_discovery(data_dir)
-    if url is not None and is_trainwire(url):
+    # A server.json left by a server that died without cleaning up (SIGKILL, a
+    # reboot) names a port anyone may hold now: believed only while our server lives,
+    # or the token in the data directory would be sent to whoever answers there.
+    if url is not None and _held(data_dir) and is_trainwire(url):
         return url
     # Private: the folder holds the token, and the log prints the link carrying it.
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -95,10 +95,13 @@ class SpillingOutbox:
         """A run file written earlier, every item in it still to be delivered.
 
         Raises:
-            ConfigError: the file is not a trainwire run file.
+            ConfigError: the file cannot be opened, or is not a trainwire run file.
         """
         # Unbuffered, as every handle the outbox appends to (see _open).
-        handle = open(path, "r+b", buffering=0)  # noqa: SIM115 - owned by the outbox
+        try:
+            handle = open(path, "r+b", buffering=0)  # noqa: SIM115 - owned by the outbox
+        except OSError as exc:
+            raise ConfigError(f"cannot open {path}: {exc.strerror}") from exc
         try:
             if handle.read(len(MAGIC)) != MAGIC:
                 raise ConfigError(f"{path} is not a trainwire run file")
@@ -117,7 +120,12 @@ class SpillingOutbox:
             body = _read_record(handle)
             if body is None:
                 break  # the end, or a record cut short by a crash: stop before it
-            item = _item_decoder.decode(body)
+            try:
+                item = _item_decoder.decode(body)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                # A tail a crash left zero-filled (or garbled): stop before it, as
+                # before a record cut short.
+                break
             if outbox._index and item.seq != outbox._index[-1][0] + 1:
                 break
             outbox._index.append((item.seq, offset, len(body), item.row_count))

@@ -13,15 +13,19 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+import ipaddress
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.cookies import SimpleCookie
 from typing import Final
 from urllib.parse import parse_qsl, urlencode
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.websockets import WebSocketDisconnect
+
+from trainwire.exceptions import _fit_close_reason
 
 __all__ = [
     "COOKIE",
@@ -58,6 +62,11 @@ class AccessScope(enum.IntEnum):
 
 ScopeLookup = Callable[[str, float], str | None]
 
+# How long a revoked or expired share token may still be served on a WebSocket it
+# opened before: its scope is read again at most this often (still_grants).
+RECHECK_SECONDS: Final = 1.0
+MAX_RECENT_TOKENS: Final = 10_000
+
 
 @dataclass
 class Authenticator:
@@ -74,6 +83,20 @@ class Authenticator:
     admin_token: str | None
     lookup: ScopeLookup | None = None
     enabled: bool = True
+    # token -> (when read, its scope then): see still_grants.
+    _recent: dict[str, tuple[float, AccessScope | None]] = field(default_factory=dict, repr=False)
+
+    def still_grants(self, token: str, needed: AccessScope, now: float) -> bool:
+        """Whether a share token that opened a WebSocket still grants ``needed``:
+        ``trainwire token revoke`` (another process, writing the database) and expiry
+        end what it opened. Read again at most every RECHECK_SECONDS per token, so
+        that a frame to each of hundreds of dashboards is not a query each."""
+        seen = self._recent.get(token)
+        if seen is None or now - seen[0] >= RECHECK_SECONDS:
+            if len(self._recent) >= MAX_RECENT_TOKENS:
+                self._recent.clear()
+            seen = self._recent[token] = (now, self.scope_of(token, now))
+        return seen[1] is not None and seen[1] >= needed
 
     def scope_of(self, token: str | None, now: float) -> AccessScope | None:
         if not self.enabled:
@@ -136,6 +159,16 @@ class AuthMiddleware:
         if token and granted is not None and self.authenticator.enabled:
             # Who to rate-limit: the token (its digest, never the token itself).
             scope["trainwire.principal"] = hashlib.sha256(token.encode()).hexdigest()[:16]
+        if not self.authenticator.enabled and not self._host_allowed(headers):
+            # No token to stop it, a page of another site that rebinds its name to
+            # 127.0.0.1 (DNS rebinding) could read everything: same-origin rules let
+            # it, since the page's origin then matches the Host it sends.
+            reason = f"host {headers.get('host', '')} is not this machine"
+            if kind == "websocket":
+                await _refuse_websocket(receive, send, 4403, reason)
+            else:
+                await _refuse_http(send, 403, reason)
+            return
         if kind == "websocket":
             origin = headers.get("origin")
             if origin is not None and not self._origin_allowed(origin, headers, scope):
@@ -145,6 +178,8 @@ class AuthMiddleware:
                 code, reason = _refusal(token, granted, needed)
                 await _refuse_websocket(receive, send, code + 4000, reason)
                 return
+            if token and self._is_share_token(token):
+                receive, send = self._while_valid(token, needed, receive, send)
             await self.app(scope, receive, send)
             return
         if granted is None or granted < needed:
@@ -161,6 +196,57 @@ class AuthMiddleware:
             await self._redirect_with_cookie(send, location, from_query)
             return
         await self.app(scope, receive, send)
+
+    def _is_share_token(self, token: str) -> bool:
+        """Neither auth off nor the admin token: one that can be revoked or expire."""
+        admin = self.authenticator.admin_token
+        return self.authenticator.enabled and not (
+            admin is not None and hmac.compare_digest(token.encode(), admin.encode())
+        )
+
+    def _while_valid(
+        self, token: str, needed: AccessScope, receive: Receive, send: Send
+    ) -> tuple[Receive, Send]:
+        """``receive`` and ``send`` of a WebSocket opened by a share token, which close
+        it (4401) at the first frame either way once the token no longer grants
+        ``needed``: revoked or expired, it gets nothing more, and sends nothing more."""
+        ended = False
+        reason = "token revoked or expired"
+
+        async def end() -> None:
+            nonlocal ended
+            if not ended:
+                ended = True
+                await send({"type": "websocket.close", "code": 4401, "reason": reason})
+
+        def valid() -> bool:
+            return self.authenticator.still_grants(token, needed, time.time())
+
+        async def checked_receive() -> Message:
+            if ended:
+                return {"type": "websocket.disconnect", "code": 4401}
+            message = await receive()
+            if message["type"] == "websocket.receive" and not valid():
+                await end()
+                return {"type": "websocket.disconnect", "code": 4401}
+            return message
+
+        async def checked_send(message: Message) -> None:
+            if not ended and (message["type"] != "websocket.send" or valid()):
+                await send(message)
+                return
+            await end()
+            raise WebSocketDisconnect(4401, reason)
+
+        return checked_receive, checked_send
+
+    def _host_allowed(self, headers: Headers) -> bool:
+        """The Host a request names is loopback (auth off is allowed on loopback
+        only), or that of a configured origin (a reverse proxy that passes its own)."""
+        host = headers.get("host", "")
+        if any(origin.split("://", 1)[-1] == host for origin in self.allowed_origins):
+            return True
+        return is_loopback_name(host)
 
     def _origin_allowed(self, origin: str, headers: Headers, scope: Scope) -> bool:
         # Cross-site WebSocket hijacking: a page elsewhere could open our socket with
@@ -214,6 +300,22 @@ class SecurityHeadersMiddleware:
         await self.app(scope, receive, send_with_headers)
 
 
+def is_loopback_name(host: str) -> bool:
+    """A Host header (``name[:port]``) naming this machine by itself: ``localhost``
+    (and ``*.localhost``, RFC 6761) or a loopback address. Never looked up: a name
+    that resolves to 127.0.0.1 is what a DNS-rebinding page uses."""
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
+    if name.startswith("[") and "]" in name:
+        name = name[1 : name.index("]")]
+    name = name.rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 def _bearer(headers: Headers) -> str | None:
     value = headers.get("authorization", "")
     scheme, _, token = value.partition(" ")
@@ -259,4 +361,5 @@ async def _refuse_websocket(receive: Receive, send: Send, code: int, reason: str
     if message["type"] != "websocket.connect":
         return
     await send({"type": "websocket.accept"})
-    await send({"type": "websocket.close", "code": code, "reason": reason})
+    # The reason may quote the client (its Origin): cut to what a close frame holds.
+    await send({"type": "websocket.close", "code": code, "reason": _fit_close_reason(reason)})

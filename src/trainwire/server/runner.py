@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from starlette.types import ASGIApp
 from trainwire import __version__
 from trainwire.exceptions import ConfigError
 from trainwire.server.app import create_app
-from trainwire.settings import DISCOVERY_FILE, Settings, is_loopback
+from trainwire.settings import DISCOVERY_FILE, LOCK_FILE, Settings, is_loopback
 from trainwire.storage.tokens import new_secret
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "admin_token",
     "bind",
     "check_exposure",
+    "check_tls",
     "serve",
     "server_url",
     "stop",
@@ -39,7 +41,8 @@ __all__ = [
 
 logger = logging.getLogger("trainwire.server")
 
-LOCK_FILE: Final = "server.lock"
+
+LOCK_ATTEMPTS: Final = 10
 
 
 class AlreadyServing(ConfigError):
@@ -69,9 +72,14 @@ def admin_token(settings: Settings) -> str | None:
         return settings.token
     path = settings.token_path
     try:
-        return path.read_text().strip()
+        kept = path.read_text().strip()
     except FileNotFoundError:
-        pass
+        kept = ""
+    if kept:
+        return kept
+    # Empty: a first start cut short between making the file and writing it. An
+    # admin token "" would match no request: make a real one instead.
+    path.unlink(missing_ok=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     token = new_secret()
     # O_EXCL with mode 0600: never a moment when another user could read it.
@@ -92,6 +100,26 @@ def check_exposure(settings: Settings) -> None:
             f"refusing to serve {settings.host} without authentication: anyone who can "
             "reach it could read and write every run; drop --no-auth, or bind 127.0.0.1"
         )
+
+
+def check_tls(settings: Settings) -> None:
+    """Load the certificate and key once up front, so that a wrong path or a bad file
+    is a clear error, not a traceback from inside uvicorn after the link was printed.
+
+    Raises:
+        ConfigError: they cannot be read, or do not make a certificate chain.
+    """
+    if settings.certfile is None:
+        return
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+            settings.certfile, settings.keyfile
+        )
+    except OSError as exc:  # ssl.SSLError included
+        raise ConfigError(
+            f"cannot load the TLS certificate {settings.certfile} and key {settings.keyfile}: "
+            f"{exc.strerror or exc}"
+        ) from exc
 
 
 def bind(host: str, port: int, *, fallback: bool = False) -> socket.socket:
@@ -124,12 +152,14 @@ def bind(host: str, port: int, *, fallback: bool = False) -> socket.socket:
 def _data_dir_lock(data_dir: Path) -> Iterator[IO[str]]:
     # One server per data directory: a second one would write the same SQLite file
     # and leave dashboards on either of them blind to the other's runs.
-    data_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(data_dir / LOCK_FILE, "a")  # noqa: SIM115
     try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        # Private: it holds every run and the admin token (README: 0700).
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        handle = open(data_dir / LOCK_FILE, "a")  # noqa: SIM115
+    except OSError as exc:
+        raise ConfigError(f"cannot use {data_dir} as the data directory: {exc.strerror}") from exc
+    try:
+        if not _take_lock(handle):
             url = None
             with contextlib.suppress(OSError, ValueError):
                 url = json.loads((data_dir / DISCOVERY_FILE).read_text()).get("url")
@@ -137,6 +167,20 @@ def _data_dir_lock(data_dir: Path) -> Iterator[IO[str]]:
         yield handle
     finally:
         handle.close()
+
+
+def _take_lock(handle: IO[str]) -> bool:
+    """Lock the data directory, unless a server holds it. A client checking whether
+    one does (``local._held``) holds the lock for an instant: tried a few times over
+    0.1 s before the directory counts as served."""
+    for attempt in range(LOCK_ATTEMPTS):
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if attempt + 1 < LOCK_ATTEMPTS:
+                time.sleep(0.01)
+    return False
 
 
 def serve(settings: Settings, *, port_fallback: bool = False, ready_fd: int | None = None) -> None:
@@ -160,6 +204,7 @@ def serve(settings: Settings, *, port_fallback: bool = False, ready_fd: int | No
 def _serve(settings: Settings, port_fallback: bool, ready_fd: int | None) -> None:
     try:
         check_exposure(settings)
+        check_tls(settings)
         with _data_dir_lock(settings.data_dir):
             settings = dataclasses.replace(settings, token=admin_token(settings))
             sock = bind(settings.host, settings.port, fallback=port_fallback)

@@ -119,7 +119,11 @@ class SQLiteStore:
     def __init__(self, path: Path | str, *, max_series_per_run: int | None = None) -> None:
         self.path = Path(path)
         self.max_series_per_run = max_series_per_run
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            # Private (0700): it holds every run; the README promises as much.
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot open {self.path}: {exc.strerror}") from exc
         # One connection, used from the server's thread pool under a lock: SQLite
         # serialises writers anyway, and reads under the same lock see a batch and its
         # run's commit_seq together, which the dashboards' no-gap resume relies on.
