@@ -163,3 +163,15 @@ test("xValues and stepRange map the x modes to steps", () => {
   assert.deepEqual(stepRange(entry, "wall", 0, 101, 102), [0, 30]); // widened by a point each side
   assert.deepEqual(stepRange(entry, "relative", 100, 1.5, 1.6), null);
 });
+
+test("downsample keeps the first and the newest point (the caption's last value, follow's edge)", () => {
+  const n = 5000;
+  const step = Array.from({ length: n }, (_, i) => i);
+  const value = step.map((i) => (i === n - 1 ? 0.5 : i % 2)); // neither extreme of its bucket
+  const out = downsample({ step, time: step.slice(), value }, 1000);
+  assert.equal(out.sampled, true);
+  assert.ok(out.step.length <= 1000);
+  assert.equal(out.step[0], 0);
+  assert.equal(out.step.at(-1), n - 1);
+  assert.equal(out.value.at(-1), 0.5);
+});

@@ -58,25 +58,30 @@ def test_every_bucket_keeps_its_extremes_and_nothing_is_made_up(
         assert not out.sampled and kept == list(range(len(steps)))
         return
     assert out.sampled and len(kept) <= points
+    # From 4 points on, the first and the last point (the newest value) are kept too.
+    ends = {0, len(steps) - 1} if points >= 4 else set()
+    assert ends <= set(kept)
 
     # The reference: buckets by brute force, as the docstring defines them.
     buckets = bucket_count(points)
+    assert 2 * buckets + len(ends) <= max(points, 2 * buckets)
     members: dict[int, list[int]] = {}
     for i, step in enumerate(steps):
         members.setdefault((step - start) * buckets // (end - start + 1), []).append(i)
     assert all(0 <= b < buckets for b in members)
     for bucket, indices in members.items():
         chosen = [i for i in kept if i in indices]
-        assert 1 <= len(chosen) <= 2, (bucket, chosen)
+        extremes = [i for i in chosen if i not in ends]  # an end may be one as well
+        assert 1 <= len(chosen) and len(extremes) <= 2, (bucket, chosen)
         real = [i for i in indices if not math.isnan(logged[i])]
         if not real:  # only NaN: the first point shows the gap
-            assert chosen == [indices[0]]
+            assert indices[0] in chosen and set(extremes) <= {indices[0]}
             continue
         lowest = min(logged[i] for i in real)
         highest = max(logged[i] for i in real)
         assert any(logged[i] == lowest for i in chosen), (bucket, lowest, chosen)
         assert any(logged[i] == highest for i in chosen), (bucket, highest, chosen)
-        assert all(not math.isnan(logged[i]) for i in chosen)
+        assert all(not math.isnan(logged[i]) for i in extremes)
 
 
 @settings(max_examples=100, deadline=None)
@@ -106,5 +111,5 @@ def test_a_million_points_come_down_to_the_requested_number_with_the_spikes() ->
     logged[500_000:500_010] = math.nan
     out = downsample(steps, steps.astype(np.float64), logged, points=1000, start=0, end=n - 1)
     assert out.sampled and len(out.steps) <= 1000
-    assert {123_457, 765_432} <= set(out.steps.tolist())
+    assert {0, 123_457, 765_432, n - 1} <= set(out.steps.tolist())
     assert np.all(np.diff(out.steps) > 0)

@@ -69,10 +69,16 @@ const view = parseState(location.hash, location.search);
 
 /** Full views of loaded runs: charts.applyPointsFrame shape (lastSeq, series). */
 const state = { lastSeq: newStore(), series: newStore() };
-/** Run id -> {range: [start, end], seq, series: key -> entry}: finer data of the zoomed range. */
+/**
+ * Run id -> finer data of the zoomed range: {range: [start, end] (end Infinity when
+ * following), readEnd and readSeq (the last step and commit its read covered), seq (the
+ * last live frame merged), series: key -> entry, generation}.
+ */
 const zooms = new Map();
 /** Runs whose history is being fetched. */
 const loading = new Set();
+/** Run id -> the pending timer that retries its failed history fetch (one per run). */
+const historyRetries = new Map();
 /** Runs whose history arrived and whose charts are not drawn yet (for marks). */
 const pendingHistory = new Set();
 const marks = { historyDrawnAt: newStore(), zoomRequested: 0, zoomDrawn: 0, renders: 0, renderMs: 0 };
@@ -338,10 +344,16 @@ function ensureLoaded(id) {
     .catch((err) => {
       loading.delete(id);
       console.warn(`trainwire: could not load run ${id}:`, err);
-      // Retried in a while (a server busy or restarting), and when the socket reopens.
-      setTimeout(() => {
-        if (view.runs.includes(id)) ensureLoaded(id);
-      }, HISTORY_RETRY_MS);
+      // Retried in a while (a server busy or restarting), and when the socket reopens;
+      // by one timer per run, however many selection changes asked for it meanwhile.
+      if (historyRetries.has(id)) return;
+      historyRetries.set(
+        id,
+        setTimeout(() => {
+          historyRetries.delete(id);
+          if (view.runs.includes(id)) ensureLoaded(id);
+        }, HISTORY_RETRY_MS),
+      );
     });
 }
 
@@ -442,21 +454,40 @@ function onPoints(frame) {
   if (result.added.length > 0) layoutCharts();
   for (const key of result.changed) dirty.add(key);
   followLatest();
+  // A following zoom takes every live point raw: read the window afresh once it
+  // holds more than a full view may, so a long-lived tab stays bounded.
+  if (zoomOutgrown(zooms.get(id))) requestZoomData();
   scheduleRender();
+}
+
+/** A current zoom holding more raw points than a full view may: to be read afresh. */
+function zoomOutgrown(zoom) {
+  if (zoom === undefined || zoom.generation !== zoomGeneration) return false;
+  const most = COMPACT_FACTOR * pointsBudget();
+  return Object.values(zoom.series).some((e) => e.value.length > most);
 }
 
 /**
  * Live points also extend a zoomed view whose range they reach. A frame is
- * merged when it ends after the zoom's read (`seq`); one that straddles it (a
- * catch-up) may repeat a few points there, which draws the same, where
- * skipping it would leave a gap.
+ * merged when it ends after the zoom's read (`readSeq`); one that straddles it
+ * (a catch-up) may repeat a few points there, which draws the same, where
+ * skipping it would leave a gap. A frame the read already covers (committed
+ * before it) still brings its points past the read's last step (`readEnd`): a
+ * following zoom reads up to the newest step it knew of, and the trainer went
+ * on meanwhile.
  */
 function mergeIntoZoom(id, frame) {
   const zoom = zooms.get(id);
-  if (zoom === undefined || frame.seq <= zoom.seq) return;
+  if (zoom === undefined) return;
+  const covered = frame.seq <= zoom.readSeq;
+  if (!covered && frame.seq <= zoom.seq) return; // merged already
+  const [lo, hi] = zoom.range;
+  const from = covered ? Math.max(lo, Math.floor(zoom.readEnd) + 1) : lo;
   for (const [key, cols] of Object.entries(frame.series)) {
     const keep = [];
-    for (let i = 0; i < cols.step.length; i++) if (cols.step[i] >= zoom.range[0]) keep.push(i);
+    for (let i = 0; i < cols.step.length; i++) {
+      if (cols.step[i] >= from && cols.step[i] <= hi) keep.push(i);
+    }
     if (keep.length === 0) continue;
     let entry = zoom.series[key];
     if (entry === undefined) entry = zoom.series[key] = { step: [], time: [], value: [], sampled: false };
@@ -467,7 +498,7 @@ function mergeIntoZoom(id, frame) {
       keep.map((i) => decodeValue(cols.value[i])),
     );
   }
-  zoom.seq = frame.seq;
+  if (!covered) zoom.seq = frame.seq;
 }
 
 /** Run id -> its latest points frames, replayed into a zoom whose read they outran. */
@@ -755,8 +786,14 @@ el.xmode.addEventListener("change", () => {
 });
 el.follow.addEventListener("change", () => {
   view.follow = el.follow.checked;
-  writeUrl();
+  const before = view.zoom;
   followLatest();
+  writeUrl();
+  if (view.zoom !== before) {
+    // The window jumped to the newest data: the zoom's finer data was of the old one.
+    zooms.clear();
+    requestZoomData();
+  }
   markAllDirty();
 });
 el.metricFilter.addEventListener("input", () => {
@@ -833,14 +870,30 @@ function requestZoomData() {
     const keys = Object.keys(store);
     // Raw already (nothing downsampled): the full view has every point of the range.
     if (!keys.some((k) => store[k].sampled)) continue;
-    const range = stepRange(store[keys[0]], view.x, runs.get(id)?.created ?? 0, min, max);
+    // The steps of the x range, over every key (keys need not share their steps or times).
+    let range = null;
+    let newest = -Infinity;
+    for (const key of keys) {
+      const entry = store[key];
+      if (entry.step.length > 0) newest = Math.max(newest, entry.step[entry.step.length - 1]);
+      const r = stepRange(entry, view.x, runs.get(id)?.created ?? 0, min, max);
+      if (r !== null) range = range === null ? r : [Math.min(range[0], r[0]), Math.max(range[1], r[1])];
+    }
     if (range === null) continue;
-    fetchMetrics(id, { points: Math.round(2 * widest), start: range[0], end: range[1] })
+    // Following the newest data: the zoom takes every later step, live. Its read
+    // still ends at the newest step known here, or a fast trainer would make it a
+    // downsampled read of everything logged since the request (mergeIntoZoom adds
+    // the steps committed before the read but past its end).
+    const readEnd = range[1];
+    if (view.follow && range[1] >= newest) range = [range[0], Infinity];
+    fetchMetrics(id, { points: Math.round(2 * widest), start: range[0], end: readEnd })
       .then(({ seq, series }) => {
         if (generation !== zoomGeneration || !view.runs.includes(id)) return;
-        zooms.set(id, { range, seq, series, generation });
+        zooms.set(id, { range, readEnd, readSeq: seq, seq, series, generation });
         // Points that arrived live while the request was out: not in its read.
         for (const frame of recentFrames.get(id) ?? []) mergeIntoZoom(id, frame);
+        // As many again as the read, from a fast trainer: read the window afresh.
+        if (zoomOutgrown(zooms.get(id))) requestZoomData();
         markAllDirty();
       })
       .catch((err) => console.warn(`trainwire: zoom fetch for ${id} failed:`, err));

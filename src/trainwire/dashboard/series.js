@@ -59,9 +59,21 @@ export function minMaxIndices(step, value, buckets, start = step[0], end = step[
 }
 
 /**
+ * Buckets for at most `points` points: two per bucket, and from 4 points on two
+ * more for the first and the last point. The server's bucket_count.
+ *
+ * @param {number} points
+ * @returns {number}
+ */
+export function bucketCount(points) {
+  return points >= 4 ? Math.max(1, Math.floor((points - 2) / 2)) : Math.max(1, Math.floor(points / 2));
+}
+
+/**
  * An entry downsampled to about `maxPoints` values (two per bucket) if it holds
- * more; else the entry itself. Downsampling a downsampled entry keeps every
- * bucket's extremes, so live compaction never loses a spike either.
+ * more (every bucket's extremes, and the first and last points); else the entry
+ * itself. Downsampling a downsampled entry keeps every bucket's extremes, so live
+ * compaction never loses a spike either.
  *
  * @param {{step: number[], time: number[], value: number[], sampled?: boolean}} entry
  * @param {number} maxPoints at least 2
@@ -70,7 +82,12 @@ export function minMaxIndices(step, value, buckets, start = step[0], end = step[
 export function downsample(entry, maxPoints) {
   const n = entry.value.length;
   if (n <= maxPoints) return { ...entry, sampled: entry.sampled === true };
-  const keep = minMaxIndices(entry.step, entry.value, Math.max(1, Math.floor(maxPoints / 2)));
+  let keep = minMaxIndices(entry.step, entry.value, bucketCount(maxPoints));
+  if (maxPoints >= 4) {
+    // The first and the newest point too (the caption's last value, follow's edge).
+    if (keep[0] !== 0) keep.unshift(0);
+    if (keep[keep.length - 1] !== n - 1) keep.push(n - 1);
+  }
   return {
     step: keep.map((i) => entry.step[i]),
     time: keep.map((i) => entry.time[i]),

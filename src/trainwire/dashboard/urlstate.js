@@ -83,7 +83,8 @@ export function formatState(state) {
   if (!state.follow) add("follow", "0");
   if (state.metrics) add("metrics", state.metrics);
   if (state.q) add("q", state.q);
-  if (state.zoom) parts.push(`zoom=${state.zoom.map((v) => String(Number(v.toPrecision(12)))).join(",")}`);
+  // Shortest exact spelling: rounding would move a narrow wall-time zoom (Unix seconds).
+  if (state.zoom) parts.push(`zoom=${state.zoom.map((v) => String(v)).join(",")}`);
   return parts.length > 0 ? `#${parts.join("&")}` : "";
 }
 

@@ -1,7 +1,8 @@
 """Min/max downsampling of one series: fewer points, and no spike vanishes.
 
 Pure: numpy arrays in, numpy arrays out; no I/O. The step range is cut into equal-width
-buckets, and each bucket keeps its lowest and its highest point. A chart of a loss
+buckets, and each bucket keeps its lowest and its highest point; the range's first and
+last points are kept too. A chart of a loss
 that spiked once, or went NaN once, still shows it at any zoom level; an average or an
 every-nth sample would hide it.
 """
@@ -31,8 +32,9 @@ class Downsampled(NamedTuple):
 
 
 def bucket_count(points: int) -> int:
-    """Buckets for at most ``points`` points: each keeps up to two."""
-    return max(1, points // 2)
+    """Buckets for at most ``points`` points: each keeps up to two, and from 4 points
+    on, two more are kept for the range's first and last points."""
+    return max(1, (points - 2) // 2) if points >= 4 else max(1, points // 2)
 
 
 def buckets_of(steps: Int64s, start: int, end: int, buckets: int) -> Int64s:
@@ -71,7 +73,11 @@ def downsample(
         point and its highest-value point (one point when they are the same), in
         step order, with ``sampled=True``. ±Infinity take part in the minimum and
         maximum; NaN is ignored, except that a bucket holding nothing but NaN keeps
-        its first point, so a chart can still show the gap.
+        its first point, so a chart can still show the gap. From 4 ``points`` on,
+        the buckets are ``(points - 2) // 2`` and the first and the last point are
+        kept too: the line reaches both ends of the range, and the newest value
+        (a chart's caption, a dashboard following the run) is the one logged last,
+        not only its bucket's extreme.
     """
     count = len(steps)
     if count <= points:
@@ -95,6 +101,8 @@ def downsample(
         _first_per_group(np.flatnonzero((low == lowest) & eligible), group),
         _first_per_group(np.flatnonzero((high == highest) & eligible), group),
     )
+    if points >= 4:
+        keep = np.union1d(keep, [0, count - 1])
     return Downsampled(steps[keep], times[keep], values[keep], True)
 
 
