@@ -146,3 +146,27 @@ def test_a_big_batch_is_decoded_and_framed_off_the_event_loop_and_arrives_whole(
             assert live["seq"] == 1
             assert live["series"]["k99"]["step"] == list(range(1000))
             assert live["series"]["k99"]["value"] == [float(s * 99) for s in range(1000)]
+
+
+def test_a_big_snapshot_comes_in_parts_each_resumable_from_its_seq(client: TestClient) -> None:
+    """Everything since `after`, as one frame, held the server for seconds on a run of
+    millions of points (the loop and the GIL, for every trainer and dashboard). It
+    comes in parts of at most CATCH_UP_VALUES values, cut between commits; each part's
+    seq is a commit a dashboard may resume after."""
+    batch_rows = 1000
+    with open_trainer(client) as trainer:
+        for seq in range(1, 121):  # 120,000 points
+            first = (seq - 1) * batch_rows
+            log_batch(trainer, seq, *range(first, first + batch_rows))
+        with open_dashboard(client) as dash:
+            greeting(dash)
+            dash.send_json({"type": "subscribe", "run": "run-1", "after": 0})
+            frames = [dash.receive_json() for _ in range(3)]
+        assert [f["seq"] for f in frames] == [50, 100, 120]  # 50 batches (50,000) a part
+        assert [s for f in frames for s in steps(f)] == list(range(120 * batch_rows))
+        with open_dashboard(client) as dash:  # one that dropped after the first part
+            greeting(dash)
+            dash.send_json({"type": "subscribe", "run": "run-1", "after": 50})
+            frames = [dash.receive_json() for _ in range(2)]
+        assert [f["seq"] for f in frames] == [100, 120]
+        assert [s for f in frames for s in steps(f)] == list(range(50_000, 120_000))

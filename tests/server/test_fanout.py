@@ -6,10 +6,13 @@ import asyncio
 import json
 from typing import Any
 
+import numpy as np
+
 from trainwire.protocol.columns import series_from_rows
-from trainwire.protocol.messages import Points, RunInfo, Series, Subscribe, Unsubscribe, encode_json
+from trainwire.protocol.messages import Points, RunInfo, Subscribe, Unsubscribe, encode_json
 from trainwire.server.bus import PointsCommitted, RunChanged
 from trainwire.server.fanout import DashboardFeed, Followers
+from trainwire.storage.base import CommittedColumns
 
 
 class History:
@@ -25,11 +28,15 @@ class History:
         frame = encode_json(Points(run="r", seq=seq, series=series_from_rows(rows)))
         return PointsCommitted("r", prev, seq, frame)
 
-    async def read(self, run_id: str, after: int) -> tuple[int, dict[str, Series]]:
-        rows = [
-            (s, 0.0, {"x": float(s)}) for q, ss in self.batches.items() if q > after for s in ss
-        ]
-        return max(self.batches, default=0), series_from_rows(rows)
+    async def read(self, run_id: str, after: int) -> tuple[int, dict[str, CommittedColumns]]:
+        points = [(q, s) for q, ss in self.batches.items() if q > after for s in ss]
+        columns = {}
+        if points:
+            commits = np.array([q for q, _ in points], dtype=np.int64)
+            steps = np.array([s for _, s in points], dtype=np.int64)
+            values = steps.astype(np.float64)
+            columns["x"] = CommittedColumns(steps, np.zeros(len(steps)), values, commits)
+        return max(self.batches, default=0), columns
 
 
 class Browser:

@@ -240,6 +240,13 @@ def check_compaction(path: Path, batches: list[tuple[int, tuple[str, ...]]]) -> 
             store = SQLiteStore(path)
     for after in range(len(batches) + 1):
         assert as_columns(store, "r1", after) == model_metrics(log, after), after
+        # The catch-up's reading: the same points, each with the commit it came in.
+        _, committed = store.columns_after("r1", after)
+        assert {
+            key: (c.steps.tolist(), c.times.tolist()) for key, c in committed.items()
+        } == model_metrics(log, after), after
+        for key, c in committed.items():
+            assert c.commits.tolist() == [q for q, k, _, _, _ in log if k == key and q > after]
     # Bounded: per key, one row per 16 points, 3 small at the end, 3 before each large one.
     rows = chunk_rows(path)
     for series_id in {row[0] for row in rows}:

@@ -31,20 +31,22 @@ from trainwire.protocol.messages import (
     RunInfo,
     Runs,
     RunUpdate,
-    Series,
     Subscribe,
     Unsubscribe,
     decode_dashboard_message,
     encode_json,
 )
 from trainwire.server.bus import Bus, BusEvent, PointsCommitted, RunChanged
+from trainwire.server.catchup import parts
 from trainwire.storage import Store
+from trainwire.storage.base import CommittedColumns
 
 __all__ = ["DashboardFeed", "Followers", "serve_dashboard"]
 
 logger = logging.getLogger("trainwire.server")
 
-ReadMetrics = Callable[[str, int], Awaitable[tuple[int, dict[str, Series]]]]
+# A run's points committed after a seq, with the run's seq at the read (see catchup).
+ReadMetrics = Callable[[str, int], Awaitable[tuple[int, dict[str, CommittedColumns]]]]
 SendFrame = Callable[[bytes], Awaitable[None]]
 
 DEFAULT_MAX_QUEUED: Final = 1024
@@ -196,12 +198,17 @@ class DashboardFeed:
         after = self._last_sent.get(run_id)
         if after is None:
             return
-        last_seq, series = await self._read_metrics(run_id, after)
+        last_seq, columns = await self._read_metrics(run_id, after)
         if run_id not in self._last_sent or (last_seq <= after and not snapshot):
             return
-        frame = Points(run=run_id, seq=max(last_seq, after), series=spelled(series))
-        await self._send(encode_json(frame))
-        self._last_sent[run_id] = max(last_seq, after)
+        # In parts: one frame of everything since `after` held the loop for seconds
+        # on a run of millions of points (see catchup). Each awaited send lets the
+        # others be served between parts.
+        for seq, series in parts(columns, max(last_seq, after)):
+            await self._send(encode_json(Points(run=run_id, seq=seq, series=spelled(series))))
+            if run_id not in self._last_sent:
+                return  # unsubscribed meanwhile
+            self._last_sent[run_id] = seq
 
 
 async def serve_dashboard(
@@ -218,8 +225,8 @@ async def serve_dashboard(
     async def send(frame: bytes) -> None:
         await ws.send_text(frame.decode())
 
-    async def read_metrics(run_id: str, after: int) -> tuple[int, dict[str, Series]]:
-        return await run_in_threadpool(store.metrics, run_id, None, after)
+    async def read_metrics(run_id: str, after: int) -> tuple[int, dict[str, CommittedColumns]]:
+        return await run_in_threadpool(store.columns_after, run_id, after)
 
     feed = DashboardFeed(read_metrics, send, max_queued, followers)
     # Subscribe before listing runs, so no run created in between is missed.

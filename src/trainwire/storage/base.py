@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
+
+import numpy as np
+import numpy.typing as npt
 
 from trainwire.protocol.messages import Batch, RunInfo, RunSpec, Series
 
-__all__ = ["Commit", "SampledSeries", "SeriesSummary", "Store"]
+__all__ = ["Commit", "CommittedColumns", "SampledSeries", "SeriesSummary", "Store"]
 
 
 @dataclass(frozen=True)
@@ -17,6 +20,16 @@ class Commit:
 
     prev_seq: int
     seq: int
+
+
+class CommittedColumns(NamedTuple):
+    """One metric's points as numpy columns, in commit order (logging order within a
+    commit), with the commit of each: a reader can cut them at commit boundaries."""
+
+    steps: npt.NDArray[np.int64]
+    times: npt.NDArray[np.float64]
+    values: npt.NDArray[np.float64]
+    commits: npt.NDArray[np.int64]
 
 
 class SampledSeries(Series):
@@ -94,6 +107,12 @@ class Store(Protocol):
     ) -> tuple[int, dict[str, Series]]:
         """Points committed after the run's commit counter was ``after``, per key, and
         the counter read in the same transaction. Values are raw floats (NaN included)."""
+        ...
+
+    def columns_after(self, run_id: str, after: int) -> tuple[int, dict[str, CommittedColumns]]:
+        """:meth:`metrics` of every key, as numpy columns with each point's commit:
+        for a reader that sends them in parts (a dashboard's catch-up), converting
+        only a part at a time."""
         ...
 
     def history(

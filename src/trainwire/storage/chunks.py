@@ -18,7 +18,16 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Chunk", "Columns", "decode", "decode_after", "encode", "merge", "pack_commits"]
+__all__ = [
+    "Chunk",
+    "Columns",
+    "commits_after",
+    "decode",
+    "decode_after",
+    "encode",
+    "merge",
+    "pack_commits",
+]
 
 Int64s = npt.NDArray[np.int64]
 Float64s = npt.NDArray[np.float64]
@@ -125,6 +134,13 @@ def decode_after(chunk: Chunk, after: int) -> Columns:
     kept = int(np.searchsorted(commits, after, side="right"))
     first = int(ends[kept - 1]) if kept else 0
     return Columns(columns.steps[first:], columns.times[first:], columns.values[first:])
+
+
+def commits_after(chunk: Chunk, after: int) -> Int64s:
+    """The commit of each point :func:`decode_after` returns, in the same order."""
+    commits, counts = _commits(chunk), _counts(chunk)
+    kept = commits > after
+    return np.repeat(commits[kept], counts[kept])
 
 
 def _pack(columns: Columns, commits: Int64s, counts: Int64s) -> Chunk:

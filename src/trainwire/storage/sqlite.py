@@ -17,7 +17,7 @@ import numpy as np
 from trainwire.exceptions import StorageError
 from trainwire.protocol.messages import Batch, Row, RunInfo, RunSpec, RunStatus, Series
 from trainwire.storage import chunks
-from trainwire.storage.base import Commit, SampledSeries, SeriesSummary
+from trainwire.storage.base import Commit, CommittedColumns, SampledSeries, SeriesSummary
 from trainwire.storage.chunks import Chunk, Columns
 from trainwire.storage.downsample import downsample
 
@@ -430,6 +430,18 @@ class SQLiteStore:
             if len(steps):
                 series[key] = Series(steps.tolist(), times.tolist(), values.tolist())
         return last_seq, series
+
+    def columns_after(self, run_id: str, after: int) -> tuple[int, dict[str, CommittedColumns]]:
+        with self._lock, self._transaction():
+            last_seq = self._commit_seq(run_id)
+            found, rows = self._read_chunks(run_id, None, " AND seq_hi > ?", [after])
+        out: dict[str, CommittedColumns] = {}
+        for key, parts in _group(found, rows).items():
+            steps, times, values = _concatenate([chunks.decode_after(c, after) for c in parts])
+            if len(steps):
+                commits = np.concatenate([chunks.commits_after(c, after) for c in parts])
+                out[key] = CommittedColumns(steps, times, values, commits)
+        return last_seq, out
 
     def history(
         self,
