@@ -49,10 +49,16 @@ def parts(
     if not columns:
         yield last_seq, {}
         return
-    commits, counts = np.unique(
-        np.concatenate([c.commits for c in columns.values()]), return_counts=True
-    )
-    totals = np.cumsum(counts)
+    # Values per commit, over every key: each key's commits are sorted and span at most
+    # the run's commits since `after`, so a count per commit number is one linear pass
+    # (np.unique would sort millions of points, for 0.1 s).
+    base = min(int(c.commits[0]) for c in columns.values())
+    span = max(int(c.commits[-1]) for c in columns.values()) - base + 1
+    per_commit = np.zeros(span, dtype=np.int64)
+    for c in columns.values():
+        per_commit += np.bincount(c.commits - base, minlength=span)
+    commits = np.flatnonzero(per_commit) + base
+    totals = np.cumsum(per_commit[per_commit > 0])
     done = 0  # commits[:done] are sent
     sent_values = 0
     while done < len(commits):
