@@ -237,3 +237,38 @@ def test_the_dashboard_ships_inside_the_package(client: TestClient) -> None:
     uplot = client.get("/vendor/uplot/uPlot.esm.js")
     assert uplot.status_code == 200 and "uPlot" in uplot.text
     assert client.get("/vendor/uplot/LICENSE").status_code == 200
+
+
+def test_every_point_of_a_long_run_is_streamed_as_the_same_json(client: TestClient) -> None:
+    """Past STREAM_VALUES values the answer comes in blocks (one encode of tens of
+    megabytes held the GIL, and every trainer and dashboard, for half a second): the
+    same document, NaN and infinities spelled, as the one-piece answer."""
+    from trainwire.server import api
+
+    def values(s: int) -> dict[str, float]:
+        special = {7: math.nan, 30_001: math.inf, 30_002: -math.inf}
+        return {"a": special.get(s, s / 2), "b": float(s)}
+
+    with open_trainer(client) as trainer:
+        for seq in range(1, 41):  # 40,000 steps of two keys: 80,000 values
+            first = (seq - 1) * 1000
+            rows = [(s, s * 0.5, values(s)) for s in range(first, first + 1000)]
+            send(trainer, Batch(seq=seq, rows=rows))
+            receive(trainer)
+    streamed = client.get("/api/runs/run-1/metrics")
+    assert streamed.status_code == 200
+    assert "content-length" not in streamed.headers  # sent in blocks
+    body = json.loads(streamed.content)
+    assert body["seq"] == 40 and body["series"]["b"]["step"] == list(range(40_000))
+    spelled = body["series"]["a"]["value"]
+    assert (spelled[7], spelled[8], spelled[30_001], spelled[30_002]) == (
+        "NaN",
+        4.0,
+        "Infinity",
+        "-Infinity",
+    )
+    assert body["series"]["a"]["sampled"] is False
+    whole = client.get("/api/runs/run-1/metrics?keys=a")  # 40,000 values: one piece
+    assert "content-length" in whole.headers
+    assert json.loads(whole.content)["series"]["a"] == body["series"]["a"]
+    assert api.STREAM_VALUES < 80_000 <= 2 * api.STREAM_VALUES
