@@ -7,9 +7,12 @@ import json
 from typing import Any
 
 import numpy as np
+import pytest
 
+from trainwire.exceptions import ProtocolError
 from trainwire.protocol.columns import series_from_rows
 from trainwire.protocol.messages import Points, RunInfo, Subscribe, Unsubscribe, encode_json
+from trainwire.server import fanout
 from trainwire.server.bus import PointsCommitted, RunChanged
 from trainwire.server.fanout import DashboardFeed, Followers
 from trainwire.storage.base import CommittedColumns
@@ -171,3 +174,20 @@ def test_a_stalled_dashboards_queue_is_bounded_in_bytes_too() -> None:
         assert browser.steps() == list(range(1, 12))
 
     asyncio.run(scenario())
+
+
+def test_a_dashboard_follows_a_bounded_number_of_runs_and_is_told_past_it() -> None:
+    """Each followed run costs a catch-up read and a place in every commit's fan-out:
+    a client subscribing to ever new run ids grew the server's memory without end."""
+    feed = DashboardFeed(History().read, Browser().send)
+    for n in range(fanout.MAX_FOLLOWED):
+        feed.command(Subscribe(f"r{n}", 0))
+    feed.command(Subscribe("r0", 0))  # one already followed: fine
+    with pytest.raises(ProtocolError, match="at most 1000 runs"):
+        feed.command(Subscribe("one-more", 0))
+    feed.command(Unsubscribe("r1"))
+    feed.command(Subscribe("one-more", 0))  # room again
+    for _ in range(fanout.MAX_PENDING_COMMANDS - len(feed._commands)):
+        feed.command(Subscribe("r0", 0))
+    with pytest.raises(ProtocolError, match="commands waiting"):
+        feed.command(Subscribe("r0", 0))

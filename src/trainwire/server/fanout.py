@@ -50,6 +50,10 @@ ReadMetrics = Callable[[str, int], Awaitable[tuple[int, dict[str, CommittedColum
 SendFrame = Callable[[bytes], Awaitable[None]]
 
 DEFAULT_MAX_QUEUED: Final = 1024
+# What one dashboard may ask of the server: each followed run costs a catch-up read
+# and a place in every commit's fan-out; each command waits in memory until done.
+MAX_FOLLOWED: Final = 1000
+MAX_PENDING_COMMANDS: Final = 10_000
 # Frames are shared by every dashboard, but a stalled one keeps its queue's alive:
 # bounded in bytes too, or 1024 large batches would pin gigabytes for one browser.
 DEFAULT_MAX_QUEUED_BYTES: Final = 64 << 20
@@ -138,8 +142,19 @@ class DashboardFeed:
         self._wake.set()
 
     def command(self, message: DashboardIn) -> None:
-        """A message from the browser."""
+        """A message from the browser.
+
+        Raises:
+            ProtocolError: past MAX_FOLLOWED runs followed, or MAX_PENDING_COMMANDS
+                not yet carried out (the browser gets the error; nothing changes).
+        """
+        if len(self._commands) >= MAX_PENDING_COMMANDS:
+            raise ProtocolError(f"more than {MAX_PENDING_COMMANDS} commands waiting")
         match message:
+            case Subscribe() if (
+                message.run not in self._following and len(self._following) >= MAX_FOLLOWED
+            ):
+                raise ProtocolError(f"a dashboard follows at most {MAX_FOLLOWED} runs")
             case Subscribe(run=run_id) if run_id not in self._following:
                 self._following.add(run_id)
                 self._followers.add(run_id)
