@@ -247,3 +247,35 @@ def test_the_caption_of_a_long_finished_run_shows_its_last_point(
     wait_chart(page, "loss", "f.dataset.sampled === 'true'")
     label = page.locator('figure[data-key="loss"] .chart-last').inner_text()
     assert label == f"last step {N - 1}: 0.5"
+
+
+def test_ticking_follow_latest_on_a_zoom_that_already_ends_at_the_newest_point_follows(
+    live_server: LiveServer, browser: Any
+) -> None:
+    """Follow off, zoomed onto the newest steps, then "follow latest" ticked: the
+    window does not jump (it already ends at the newest point), so its zoom stays the
+    one read without following, bounded at its last step. The window then slides with
+    every live point, but the points were never merged into the zoom that is drawn."""
+    run = live_run(live_server, "tick-follow")
+    stored_until(live_server, run.id, N - 1)
+    page = open_page(browser, live_server, f"#runs={run.id}", viewport=VIEWPORT)
+    wait_chart(page, "loss", "f.dataset.sampled === 'true'")
+    page.uncheck("#follow")
+    page.evaluate(f"() => window.__trainwire.zoom(4000, {N - 1})")
+    page.wait_for_function(
+        "(id) => window.__trainwire.zooms.get(id) !== undefined", arg=run.id, timeout=WAIT_MS
+    )
+    page.check("#follow")
+    for step in range(N, N + 50):
+        run.log({"loss": float(step % 97)}, step=step)
+    seen_all(page, live_server, run, N + 49)
+    page.wait_for_function(
+        f"() => window.__trainwire.view.zoom[1] === {N + 49}", timeout=WAIT_MS
+    )  # the window followed
+    for _ in range(int(WAIT_MS) // 50):
+        steps = zoom_steps(page, run.id)
+        if steps is None or N + 49 in steps:
+            break
+        page.wait_for_timeout(50)  # Playwright's own wait: the page runs meanwhile
+    drawn = page.evaluate(DRAWN, "loss")[0]
+    assert N + 49 in drawn, f"newest drawn: {max(drawn)}"

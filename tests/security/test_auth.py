@@ -716,3 +716,17 @@ def test_a_share_tokens_scope_is_read_again_at_most_once_a_recheck_interval() ->
     assert not authenticator.still_grants("share", AccessScope.WRITE, now=100.5)
     assert not authenticator.still_grants("share", AccessScope.READ, now=101.0)
     assert reads == ["share", "share"]
+
+
+@pytest.mark.parametrize(
+    "host", ["localhost", "127.0.0.1", "[::1]", "[::1]:8765", "[0:0:0:0:0:0:0:1]", "localhost:80"]
+)
+def test_with_auth_off_every_spelling_of_a_loopback_host_is_served(
+    tmp_path: Path, host: str
+) -> None:
+    """A browser at http://[::1]/ (port 80, or a local proxy) sends ``Host: [::1]``,
+    the bracketed address with no port, as it sends ``Host: localhost`` for
+    http://localhost/. Both name this machine: the DNS-rebinding check must let them."""
+    settings = settings_for(tmp_path, token=None, auth=False)
+    with TestClient(create_app(settings), base_url=LOOPBACK_URL) as client:
+        assert client.get("/api/runs", headers={"Host": host}).status_code == 200

@@ -191,3 +191,32 @@ def test_a_dashboard_follows_a_bounded_number_of_runs_and_is_told_past_it() -> N
         feed.command(Subscribe("r0", 0))
     with pytest.raises(ProtocolError, match="commands waiting"):
         feed.command(Subscribe("r0", 0))
+
+
+def test_a_run_unsubscribed_during_its_catch_up_gets_no_more_parts() -> None:
+    """The catch-up of a long run comes in parts, each an awaited send; the browser
+    may unsubscribe (deselect the run, or the tab asks for another) meanwhile. The
+    parts still to come are of a run it no longer follows: millions of points it
+    would throw away, sent before any of its other commands is carried out."""
+    history = History()
+    for seq in range(1, 5):  # four commits of a part's size each: four parts
+        first = (seq - 1) * 50_000
+        history.batches[seq] = list(range(first, first + 50_000))
+    frames: list[int] = []
+    feed: DashboardFeed
+
+    async def send(frame: bytes) -> None:
+        message = json.loads(frame)
+        if message["type"] == "points":
+            frames.append(message["seq"])
+            if len(frames) == 1:
+                feed.command(Unsubscribe("r"))  # arrives while the first part is out
+
+    async def scenario() -> None:
+        nonlocal feed
+        feed = DashboardFeed(history.read, send)
+        feed.command(Subscribe("r", 0))
+        await feed.pump()
+
+    asyncio.run(scenario())
+    assert frames == [1]

@@ -793,6 +793,10 @@ el.follow.addEventListener("change", () => {
     // The window jumped to the newest data: the zoom's finer data was of the old one.
     zooms.clear();
     requestZoomData();
+  } else if (view.follow) {
+    // Already at the newest data: the zoom's read, made without following, ends at
+    // its last step; read it again as a following one, or live points are not merged.
+    requestZoomData();
   }
   markAllDirty();
 });

@@ -304,9 +304,12 @@ def is_loopback_name(host: str) -> bool:
     """A Host header (``name[:port]``) naming this machine by itself: ``localhost``
     (and ``*.localhost``, RFC 6761) or a loopback address. Never looked up: a name
     that resolves to 127.0.0.1 is what a DNS-rebinding page uses."""
-    name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
-    if name.startswith("[") and "]" in name:
-        name = name[1 : name.index("]")]
+    if host.startswith("["):  # [IPv6] or [IPv6]:port
+        name, bracket, port = host[1:].partition("]")
+        if not bracket or (port and not (port[:1] == ":" and port[1:].isdigit())):
+            return False
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
     name = name.rstrip(".").lower()
     if name == "localhost" or name.endswith(".localhost"):
         return True
