@@ -17,6 +17,7 @@ from trainwire.protocol.messages import (
     Batch,
     Finish,
     Hello,
+    RunInfo,
     RunSpec,
     Welcome,
 )
@@ -166,3 +167,61 @@ def test_a_trainer_whose_run_cannot_be_opened_is_not_counted_connected(tmp_path:
         # Counted connected, it would hold the run back from the reaper for good.
         watch: RunWatch = app.state.watch
         assert watch.overdue([SPEC.id], now=math.inf) == [SPEC.id]
+
+
+class StoreWhoseRunOpensSlowly(SQLiteStore):
+    """open_run waits until the run has been looked up twice: two writers of one new
+    run (two ranks of a job started together) both asked before it exists."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.lookups = 0
+
+    def get_run(self, run_id: str) -> RunInfo | None:
+        self.lookups += 1
+        return super().get_run(run_id)
+
+    def open_run(self, spec: RunSpec, stream: str, now: float) -> int:
+        from tests.conftest import MS, wait_until
+
+        wait_until(lambda: self.lookups >= 2, 5000 * MS)
+        return super().open_run(spec, stream, now)
+
+
+def test_writers_of_one_new_run_saying_hello_together_count_as_one_new_run(
+    tmp_path: Path,
+) -> None:
+    """Limits: at most N *new runs* a minute. Two streams (ranks) of one new run are
+    one new run, however their hellos interleave."""
+    store = StoreWhoseRunOpensSlowly(tmp_path / "t.db")
+    app = create_app(app_settings(tmp_path, max_new_runs_per_minute=1), store=store)
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    with TestClient(app, headers=headers) as client:
+        with (
+            client.websocket_connect("/ws/ingest") as rank0,
+            client.websocket_connect("/ws/ingest") as rank1,
+        ):
+            send(rank0, Hello(v=PROTOCOL_VERSION, run=SPEC, stream="rank-0", rank=0))
+            send(rank1, Hello(v=PROTOCOL_VERSION, run=SPEC, stream="rank-1", rank=1))
+            assert receive(rank0) == Welcome(v=PROTOCOL_VERSION, run_id=SPEC.id, last_seq=0)
+            message = rank1.receive()
+            assert message["type"] == "websocket.send", message
+
+
+def test_a_writer_that_ended_its_stream_as_crashed_stays_ended_when_it_says_hello_again(
+    client: TestClient,
+) -> None:
+    """A `finish` with status crashed ends the writer (a script that raised inside
+    `with trainwire.init(...)`). Its ack lost with the connection, the client says
+    hello again and learns the finish is stored: the run must not go back to running
+    (and then wait out the heartbeat timeout to be marked crashed again)."""
+    with open_trainer(client) as ws:
+        send(ws, Batch(seq=1, rows=[(0, 1.0, {"loss": 1.0})]))
+        assert receive(ws) == Ack(seq=1)
+        send(ws, Finish(seq=2, status="crashed"))
+        assert receive(ws) == Ack(seq=2)
+    assert client.get("/api/runs/run-1").json()["status"] == "crashed"
+    with client.websocket_connect("/ws/ingest") as ws:
+        send(ws, Hello(v=PROTOCOL_VERSION, run=SPEC))
+        assert receive(ws) == Welcome(v=PROTOCOL_VERSION, run_id="run-1", last_seq=2)
+    assert client.get("/api/runs/run-1").json()["status"] == "crashed"

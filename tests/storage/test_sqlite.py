@@ -445,3 +445,32 @@ def test_an_empty_version_2_file_is_migrated(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "t.db")
     assert store.metrics("r1") == (0, {}) and store.summary("r1") == {}
     assert store.integrity_check() == "ok"
+
+
+def test_a_stream_that_finished_as_crashed_is_not_revived_by_its_hello_again(
+    tmp_path: Path,
+) -> None:
+    """`finish` with status crashed is the writer's own end, like `finished`: its
+    hello again (a resend after a lost ack, `trainwire sync` run twice) is no return."""
+    store = SQLiteStore(tmp_path / "t.db")
+    store.open_run(SPEC, "a", now=1.0)
+    info = store.set_status("r1", "a", "crashed", seq=1, now=2.0)
+    assert info is not None and info.status == "crashed"
+    assert store.open_run(SPEC, "a", now=3.0) == 1
+    assert store.get_run("r1").status == "crashed"  # type: ignore[union-attr]
+    assert store.running_runs() == []
+
+
+def test_revive_undoes_mark_crashed_only_not_a_writers_own_crashed_finish(
+    tmp_path: Path,
+) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    store.open_run(SPEC, "a", now=1.0)
+    store.open_run(SPEC, "b", now=1.0)
+    store.set_status("r1", "a", "crashed", seq=1, now=2.0)  # rank "a" raised and said so
+    store.mark_crashed("r1", now=3.0)  # the reaper, as "b" says hello again
+    store.revive("r1", now=4.0)
+    info = store.set_status("r1", "b", "finished", seq=1, now=5.0)
+    # "a" ended as crashed: the run is crashed, not running on a writer long gone.
+    assert info is not None and info.status == "crashed"
+    assert store.running_runs() == []

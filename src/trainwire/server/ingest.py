@@ -153,7 +153,7 @@ async def _handle(
             return
         case Hello(run=spec, stream=stream, rank=rank):
             if await run_in_threadpool(store.get_run, spec.id) is None and not (
-                context.new_runs.allow(context.principal, time.time())
+                context.new_runs.allow(context.principal, time.time(), spec.id)
             ):
                 limit = context.new_runs.limit
                 raise ProtocolError(f"more than {limit} new runs a minute", code=1008)

@@ -15,21 +15,28 @@ def client_address(scope: Scope) -> str:
 
 
 class RateLimiter:
-    """At most ``limit`` events per ``period`` seconds per key. Time is a parameter."""
+    """At most ``limit`` events per ``period`` seconds per key. Time is a parameter.
+
+    An event may name what it is about (``item``: a new run's id): the same item
+    again within the period is allowed and not counted, so writers of one new run
+    that say hello together (the ranks of a job) count as one new run.
+    """
 
     def __init__(self, limit: int, period: float = 60.0) -> None:
         self.limit = limit
         self.period = period
-        self._events: dict[str, deque[float]] = {}
+        self._events: dict[str, deque[tuple[float, object]]] = {}
 
-    def allow(self, key: str, now: float) -> bool:
+    def allow(self, key: str, now: float, item: object = None) -> bool:
         """Record an event for ``key`` if it is within the limit; False if not."""
         events = self._events.setdefault(key, deque())
-        while events and events[0] <= now - self.period:
+        while events and events[0][0] <= now - self.period:
             events.popleft()
+        if item is not None and any(seen == item for _, seen in events):
+            return True
         if len(events) >= self.limit:
             return False
-        events.append(now)
+        events.append((now, item))
         return True
 
 

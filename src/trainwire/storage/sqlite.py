@@ -101,6 +101,10 @@ _TABLES: Final = frozenset({"runs", "streams", "series", "chunks", "tokens"})
 _CHUNK_COLUMNS: Final = "seq_lo, seq_hi, n, step_lo, step_hi, vmin, vmax, steps, times, vals, seqs"
 _INSERT_CHUNK: Final = f"INSERT INTO chunks (series_id, {_CHUNK_COLUMNS}) VALUES ({'?, ' * 11}?)"
 _RUN_COLUMNS: Final = "id, project, name, status, created, updated, config, env"
+# A stream's status when the server decided its writer vanished (mark_crashed): the
+# run reads as crashed, and the writer's return undoes it. A stream the writer itself
+# ended with `finish` status "crashed" is "crashed", an end like "finished".
+_LOST: Final = "lost"
 
 
 class SQLiteStore:
@@ -205,11 +209,12 @@ class SQLiteStore:
                     (spec.id, stream, RunStatus.RUNNING),
                 )
             else:
-                # A writer back after the server declared it crashed. A finished
-                # stream stays finished: this is a resend of what it already has.
+                # A writer back after the server declared it vanished. A stream its
+                # writer ended (finished, or crashed by its own finish) stays ended:
+                # this is a resend of what it already has.
                 self._db.execute(
                     "UPDATE streams SET status = ? WHERE run_id = ? AND stream = ? AND status = ?",
-                    (RunStatus.RUNNING, spec.id, stream, RunStatus.CRASHED),
+                    (RunStatus.RUNNING, spec.id, stream, _LOST),
                 )
             self._settle_status(spec.id, now)
             return 0 if row is None else int(row[0])
@@ -244,10 +249,10 @@ class SQLiteStore:
             return self._settle_status(run_id, now)
 
     def mark_crashed(self, run_id: str, now: float) -> RunInfo | None:
-        return self._move_streams(run_id, RunStatus.RUNNING, RunStatus.CRASHED, now)
+        return self._move_streams(run_id, RunStatus.RUNNING, _LOST, now)
 
     def revive(self, run_id: str, now: float) -> RunInfo | None:
-        return self._move_streams(run_id, RunStatus.CRASHED, RunStatus.RUNNING, now)
+        return self._move_streams(run_id, _LOST, RunStatus.RUNNING, now)
 
     def _move_streams(self, run_id: str, before: str, after: str, now: float) -> RunInfo | None:
         """Every stream of the run in status ``before`` goes to ``after``; the run's
@@ -291,7 +296,7 @@ class SQLiteStore:
             ).fetchall()
         }
         for status in (RunStatus.RUNNING, RunStatus.CRASHED, RunStatus.FINISHED):
-            if status in statuses:
+            if status in statuses or (status == RunStatus.CRASHED and _LOST in statuses):
                 break
         else:
             return self._run(run_id)
