@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -186,7 +187,6 @@ def test_a_trainer_killed_9_leaves_its_run_crashed_with_every_acked_point(
 def test_sigterm_stops_the_server_in_seconds_and_its_successor_loses_nothing(
     tmp_path: Path,
 ) -> None:
-    import time
 
     from trainwire.client.local import ensure_local_server
     from trainwire.exceptions import ConfigError
@@ -377,7 +377,6 @@ def test_finish_with_the_server_away_returns_once_the_rows_held_are_on_disk(
 def test_a_refused_token_ends_finish_at_once_and_keeps_the_rows(
     live_server: LiveServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import time
 
     caplog.set_level(logging.WARNING, logger="trainwire.client")
     run = trainwire.init(url=live_server.url, token="not-the-token")

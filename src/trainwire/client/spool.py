@@ -36,6 +36,9 @@ _encoder: Final = msgspec.msgpack.Encoder()
 _FINISH_ROOM: Final = _LENGTH.size + max(
     len(_encoder.encode(Finish(seq=2**63 - 1, status=status))) for status in ("finished", "crashed")
 )
+# Acknowledged bytes at the head of a spill file past which, once they also outweigh
+# the records still unacknowledged, the file is rewritten without them (_compact).
+_COMPACT_BYTES: Final = 4 << 20
 
 
 class RunHeader(msgspec.Struct, frozen=True):
@@ -151,13 +154,19 @@ class SpillingOutbox:
         if self._goes_to_memory(item):
             return True
         body = self._encoded(item)
-        if self._file is not None:
-            size = self._file.seek(0, os.SEEK_END)
-        else:  # the header comes first
-            size = len(MAGIC) + _LENGTH.size + len(_encoder.encode(self.header))
         # Room is kept for the items still in memory: if the server never answers,
         # persist() writes them to the file too, and the bound must hold then.
         needed = self._held_bytes() + _LENGTH.size + len(body) + _FINISH_ROOM
+        if self._file is None:  # the header comes first
+            return len(MAGIC) + _LENGTH.size + len(_encoder.encode(self.header)) + needed <= (
+                self.disk_bytes
+            )
+        size = self._file.seek(0, os.SEEK_END)
+        if size + needed > self.disk_bytes and self._acknowledged_bytes() >= needed:
+            # Full of records the server has: room is made by dropping them.
+            with contextlib.suppress(OSError):
+                self._compact()
+            size = self._file.seek(0, os.SEEK_END)
         return size + needed <= self.disk_bytes
 
     def _held_bytes(self) -> int:
@@ -211,10 +220,49 @@ class SpillingOutbox:
                 self._memory_bytes -= _LENGTH.size + len(_encoder.encode(item))
         while self._index and self._index[0][0] <= seq:
             self._disk_rows -= self._index.popleft()[3]
-        if not self._index and self._file is not None and not self.keep:
+        if self._file is None or self.keep:
+            return
+        if not self._index:
             # Drained: start the file over, so it never grows past one outage.
             self._file.truncate(self._data_start)
             self._file.seek(self._data_start)
+            return
+        # Once spilled, new items follow on disk until it drains; a loop that logs at
+        # every flush always has its newest batch unacknowledged when acks are read,
+        # so it might never drain: the file grew by everything logged after the
+        # outage, up to max_disk_bytes, and new points were then dropped with the
+        # server up. Its acknowledged head is cut off instead, once it is large.
+        acknowledged = self._acknowledged_bytes()
+        if acknowledged >= _COMPACT_BYTES and acknowledged >= self._unacknowledged_bytes():
+            with contextlib.suppress(OSError):  # tried again at a later ack
+                self._compact()
+
+    def _acknowledged_bytes(self) -> int:
+        """Bytes at the head of the file whose records the server has."""
+        return self._index[0][1] - self._data_start if self._index else 0
+
+    def _unacknowledged_bytes(self) -> int:
+        if not self._index:
+            return 0
+        _, last_offset, last_size, _ = self._index[-1]
+        return last_offset + _LENGTH.size + last_size - self._index[0][1]
+
+    def _compact(self) -> None:
+        """Rewrite the file with its unacknowledged records alone, copied as bytes;
+        replaced atomically, as persist() does, so a crash leaves one whole file."""
+        assert self._file is not None and self._index
+        partial = self.path.with_name(self.path.name + ".partial")
+        try:
+            data_start, index = self._rewrite([], partial)
+            os.replace(partial, self.path)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        self._file.close()
+        self._file = open(self.path, "r+b", buffering=0)  # noqa: SIM115 - see _open
+        self._file.seek(0, os.SEEK_END)
+        self._data_start = data_start
+        self._index = index
 
     def _goes_to_memory(self, item: Sequenced) -> bool:
         # memory_rows == 0 (offline, or persisting): everything to the file, the run's
