@@ -116,3 +116,27 @@ def test_a_tensor_changed_in_place_after_log_is_dropped_and_said_once(
     assert batch.rows == [(0, 1.0, {"loss": 2.0}), (1, 1.0, {"loss": 2.0})]
     assert sender.dropped_values == 2
     assert sum("changed in place" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_tensor_that_cannot_be_copied_drops_its_value_not_the_rows_beside_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A value the sender cannot read (here a meta tensor: no data to copy) is one bad
+    value: it is dropped and said, as a string would be. Raised out of the drain, it
+    took every row drained with it (popped from the queue, never counted), under a
+    warning about writing the run file."""
+    session = ClientSession(RunSpec(id="r", project="p", name="n"))
+    sender = Sender(session, deque(), None)
+    bad = torch.tensor(1.0, device="meta")
+    sender.queue.append((0, 1.0, {"x": 0.0}))
+    sender.queue.append((1, 1.0, {"x": 1.0, "bad": Logged(bad)}, False))
+    sender.queue.append((2, 1.0, {"x": 2.0}))
+    with caplog.at_level("WARNING", logger="trainwire.client"):
+        sender._drain_retrying()
+    rows = [row for batch in session.outbox.items(1, 10) for row in batch.rows]
+    assert [(step, values) for step, _, values in rows] == [
+        (0, {"x": 0.0}),
+        (1, {"x": 1.0}),
+        (2, {"x": 2.0}),
+    ]
+    assert sender.dropped_values == 1

@@ -167,7 +167,14 @@ class TensorResolver:
             torch = sys.modules["torch"]
             with torch.no_grad():
                 for (device, _), members in groups.items():
-                    pending.copies.append(_copy(torch, device, members))
+                    try:
+                        pending.copies.append(_copy(torch, device, members))
+                    except Exception:  # noqa: BLE001 - see below
+                        # A group the sender cannot copy (a meta or sparse tensor, a
+                        # device error): its values stay as they are, for the caller's
+                        # conversion to read or refuse one by one. Raised, it lost
+                        # every row drained with them.
+                        continue
         # Read once the copies are queued (see the module's docstring).
         pending.stale = [(index, key) for index, key, value in logged if value.changed]
         self._pending.append(pending)

@@ -28,7 +28,8 @@ def to_float(value: Any) -> float | None:
         number = item()
         if isinstance(number, (int, float)) and not isinstance(number, complex):
             return float(number)
-    except (TypeError, ValueError, OverflowError, RuntimeError):
-        # RuntimeError: torch's "a Tensor with N elements cannot be converted to Scalar".
+    except Exception:  # noqa: BLE001 - whatever a user's object raises, it is no number
+        # torch's "a Tensor with N elements cannot be converted to Scalar" (a
+        # RuntimeError), a meta tensor's NotImplementedError, ...
         return None
     return None
