@@ -502,3 +502,21 @@ def test_rows_of_many_long_keys_are_delivered(live_server: LiveServer) -> None:
     run.finish(timeout=60)
     assert run.delivered
     assert stored_steps(live_server, run.id, f"{199:0199d}") == list(range(400))
+
+
+def test_an_offline_run_whose_file_cannot_be_written_says_at_finish_what_was_lost(
+    isolated_environment: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The failed write is retried at each pass; if it still fails at finish(), the
+    rows it held are gone with the process: finish() must count them, not say the
+    run was written to its file."""
+    run = trainwire.init(mode="offline", id="io-error-at-end")
+    blocker = run.path.parent
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_bytes(b"")  # the disk stays full to the end
+    with caplog.at_level(logging.INFO, logger="trainwire.client"):
+        run.log({"x": 0.0}, step=0)
+        run.log({"x": 1.0}, step=1)
+        run.finish(timeout=10)
+    assert not run.path.exists()
+    assert f"2 rows of run {run.id} were dropped" in caplog.text

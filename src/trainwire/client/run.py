@@ -243,10 +243,15 @@ class Run:
     def _report(self) -> None:
         sender = self._sender
         if self.server_url is None:
-            logger.info(
-                "trainwire: offline run %s written to %s; upload it with: trainwire sync %s",
-                self.id, self.path, self.path,
-            )  # fmt: skip
+            if self.path.exists():
+                logger.info(
+                    "trainwire: offline run %s written to %s; upload it with: trainwire sync %s",
+                    self.id, self.path, self.path,
+                )  # fmt: skip
+            else:
+                logger.warning(
+                    "trainwire: offline run %s could not be written to %s", self.id, self.path
+                )
         elif not sender.complete:
             left = sender.session.pending_rows + len(self._queue)
             kept = ""

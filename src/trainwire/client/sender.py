@@ -173,6 +173,10 @@ class Sender(threading.Thread):
             else:
                 self._deliver(self.url)
         finally:
+            if self.url is None and self.session.queued_rows:
+                # Offline, and the run file still cannot be written at the end: what
+                # it could not take is gone with the process. Counted, for finish().
+                self.dropped_rows += self.session.drop_newest_pending(self.session.queued_rows)
             outbox = self.session.outbox
             if isinstance(outbox, SpillingOutbox):
                 if self.url is not None and not self.complete:
