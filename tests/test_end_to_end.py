@@ -112,6 +112,19 @@ def test_the_context_manager_finishes_or_marks_the_run_crashed(live_server: Live
     assert statuses == {ok.id: "finished", bad.id: "crashed"}
 
 
+def test_a_finish_status_the_server_does_not_know_ends_the_run_crashed(
+    live_server: LiveServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server refused a Finish of another status, at every resend: the run never
+    ended, finish() waited out its timeout, and `trainwire sync` met the same refusal."""
+    run = trainwire.init(project="e2e", url=live_server.url)
+    run.log({"x": 1.0})
+    run.finish(timeout=10, status="failed")  # type: ignore[arg-type]
+    assert run.delivered
+    assert live_server.store.get_run(run.id).status == "crashed"  # type: ignore[union-attr]
+    assert "finish(status='failed') is not one of finished, crashed" in caplog.text
+
+
 def test_module_level_log_follows_the_last_init(live_server: LiveServer) -> None:
     run = trainwire.init(project="e2e", url=live_server.url)
     trainwire.log({"y": 1.0})

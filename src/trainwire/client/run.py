@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, get_args
 from urllib.parse import quote, urlencode, urlsplit
 
 import msgspec
@@ -219,9 +219,18 @@ class Run:
         Idempotent, and never raises. Waits at most ``timeout`` seconds (None or
         ``math.inf``: as long as it takes) for the server to acknowledge; what is left
         undelivered is written to :attr:`path` (for ``trainwire sync``) before it
-        returns.
+        returns. ``status`` is ``"finished"`` or ``"crashed"``; anything else ends the
+        run ``"crashed"``, with a warning (the server would refuse it, and the run's
+        end with it, at every resend).
         """
         timeout = _wait_seconds(timeout)
+        if status not in get_args(FinishStatus):
+            logger.warning(
+                "trainwire: finish(status=%r) is not one of %s; the run ends crashed",
+                status,
+                ", ".join(get_args(FinishStatus)),
+            )
+            status = "crashed"
         with self._lock:
             if self.state is not RunState.RUNNING:
                 return
