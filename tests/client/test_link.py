@@ -45,10 +45,14 @@ def _events(conn: socket.socket, protocol: ServerProtocol) -> list[object]:
 
 
 @contextmanager
-def server(script: Script, *, status: int | None = None) -> Iterator[str]:
+def server(
+    script: Script, *, status: int | None = None, receive_buffer: int | None = None
+) -> Iterator[str]:
     """A one-connection WebSocket server on port 0 that accepts (or answers
     ``status``), then runs ``script``; yields its ws:// URL."""
     listener = socket.create_server(("127.0.0.1", 0))
+    if receive_buffer is not None:  # inherited by the connection it accepts
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
     errors: list[BaseException] = []
 
     def serve() -> None:
@@ -56,7 +60,7 @@ def server(script: Script, *, status: int | None = None) -> Iterator[str]:
         conn.settimeout(5000 * MS)
         with conn:
             try:
-                protocol = ServerProtocol()
+                protocol = ServerProtocol(max_size=None)
                 request = None
                 while request is None:
                     request = next(
@@ -229,3 +233,30 @@ def test_a_name_lookup_gives_up_at_the_deadline_and_is_not_started_twice(
         assert asked == ["server.hung.invalid"]
     finally:
         released.set()
+
+
+def test_a_big_message_on_a_slow_but_working_link_is_sent_whole() -> None:
+    """sendall's timeout bounds the whole send: 16 MiB to a reader taking about 10 MB/s
+    was given up as a dead link after the ping timeout, and again at every reconnect.
+    A send now gets the ping timeout plus its time at MIN_SEND_RATE."""
+    size = 16 << 20
+    got: list[int] = []
+
+    def read_slowly(conn: socket.socket, protocol: ServerProtocol) -> None:
+        conn.settimeout(10_000 * MS)
+        while not got:
+            time.sleep(50 * MS)  # a reader slower than the link: 512 KiB a turn
+            protocol.receive_data(conn.recv(512 << 10))
+            for event in protocol.events_received():
+                if isinstance(event, Frame) and event.opcode is Opcode.BINARY:
+                    got.append(len(event.data))
+        _events(conn, protocol)  # the client's close
+
+    with server(read_slowly, receive_buffer=1 << 20) as url:
+        link = open_link(url, ping_timeout=300 * MS)
+        started = time.monotonic()
+        link.send(bytes(size))
+        took = time.monotonic() - started
+        link.close()
+    assert got == [size]
+    assert took > 300 * MS  # slower than the ping timeout, as the test means

@@ -13,7 +13,9 @@ Decisions:
 - Connects directly, ignoring ``HTTP(S)_PROXY``: a trainwire server sits on the
   training network, where a proxy meant for the internet would only be in the way.
 - A link found dead (no pong in time, a send that cannot progress) is dropped at once,
-  without a closing handshake that a dead link cannot complete.
+  without a closing handshake that a dead link cannot complete. A send is given the
+  ping timeout plus its size at MIN_SEND_RATE (64 KiB/s): a slower link is taken for
+  a dead one while it carries a big frame.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ from websockets.uri import parse_uri
 __all__ = ["Link", "LinkTimeout"]
 
 _READ_SIZE: Final = 1 << 16
+# The slowest link a send is given time for, in bytes a second, on top of the ping
+# timeout (see Link._flush); slower, a big frame's send is taken for a dead link.
+MIN_SEND_RATE: Final = 64 * 1024
 
 
 class LinkTimeout(TimeoutError):
@@ -277,11 +282,18 @@ class Link:
     def _flush(self) -> None:
         for data in self._protocol.data_to_send():
             if data:
+                # sendall's timeout bounds the whole send, not a stall: a big frame on
+                # a slow but working link (4 MiB at 1 MB/s) was taken for a dead one at
+                # every attempt, and never delivered. So each send gets the ping
+                # timeout plus its time at MIN_SEND_RATE.
+                self._sock.settimeout(self.ping_timeout + len(data) / MIN_SEND_RATE)
                 try:
-                    self._sock.sendall(data)  # within the socket's timeout, in all
+                    self._sock.sendall(data)
                 except TimeoutError:
                     self._dead = True
                     raise LinkTimeout("a send made no progress: the link is dead") from None
+                finally:
+                    self._sock.settimeout(self.ping_timeout)
             else:  # websockets' "half-close now"
                 try:
                     self._sock.shutdown(socket.SHUT_WR)
