@@ -260,3 +260,35 @@ def test_a_big_message_on_a_slow_but_working_link_is_sent_whole() -> None:
         link.close()
     assert got == [size]
     assert took > 300 * MS  # slower than the ping timeout, as the test means
+
+
+def test_a_child_forked_during_a_name_lookup_starts_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The parent's lookup has no thread in a forked child (a DataLoader worker, a
+    multiprocessing child that starts its own run): waited for there, it never ends,
+    and a lock held at the fork never opens."""
+    import os
+
+    real, released = socket.getaddrinfo, threading.Event()
+
+    def getaddrinfo(host: str, *args: object, **kwargs: object) -> object:
+        if host == "server.hung.invalid" and not kwargs.get("flags"):
+            released.wait(30)
+            return real("127.0.0.1", *args, **kwargs)  # type: ignore[arg-type]
+        return real(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    try:
+        with pytest.raises(TimeoutError):  # the parent gives up; its lookup goes on
+            link_module._connect("server.hung.invalid", 9, time.monotonic() + 50 * MS)
+        assert link_module._lookups
+        with link_module._lookups_lock:  # held at the fork
+            pid = os.fork()
+            if pid == 0:  # the child: no lookup of the parent's, a lock it can take
+                clean = not link_module._lookups
+                os._exit(0 if clean and link_module._lookups_lock.acquire(timeout=1) else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        released.set()

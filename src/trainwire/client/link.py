@@ -21,6 +21,7 @@ Decisions:
 from __future__ import annotations
 
 import logging
+import os
 import selectors
 import socket
 import ssl
@@ -359,7 +360,18 @@ class _Lookup:
 
 
 _lookups: dict[tuple[str, int], _Lookup] = {}
-_lookups_lock: Final = threading.Lock()
+_lookups_lock = threading.Lock()
+
+
+def _forget_lookups() -> None:
+    """In a forked child: the parent's lookups have no thread here, and would be waited
+    for in vain; its lock may have been held at the fork."""
+    global _lookups_lock
+    _lookups.clear()
+    _lookups_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_lookups)
 
 
 def _addresses(host: str, port: int, deadline: float) -> _AddrInfo:
