@@ -249,3 +249,44 @@ def test_a_file_whose_newest_item_is_never_acknowledged_in_time_still_stays_smal
     read = [i.seq for i in again.items(1, 400)]
     assert read == list(range(read[0], 400)) and len(read) < 40
     again.close()
+
+
+def test_a_file_at_its_bound_is_not_rewritten_whole_at_every_flush(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file at its bound (1 GiB by default), the server back but acknowledging
+    about as fast as the loop logs (a slow link, a busy server): at each flush the
+    batch does not fit, a half batch does once one batch is acknowledged, and
+    accepts() rewrites every unacknowledged byte (and fsyncs it) to free that one
+    batch. Before compaction the rows were dropped; now the sender copies the whole
+    file at every flush, for as long as it lasts. The copying must stay within a few
+    times what it frees."""
+    from trainwire.protocol.session import ClientSession
+
+    disk_bytes = 200_000
+    box = outbox(tmp_path, memory_rows=0, disk_bytes=disk_bytes)
+    copied: list[int] = []
+    rewrite = SpillingOutbox._rewrite
+
+    def counting(self: SpillingOutbox, held: list[Batch], path: Path) -> object:
+        result = rewrite(self, held, path)  # type: ignore[arg-type]
+        copied.append(path.stat().st_size)
+        return result
+
+    monkeypatch.setattr(SpillingOutbox, "_rewrite", counting)
+    session = ClientSession(SPEC, stream="s", outbox=box, rows_per_batch=50)
+    rows = [(0, 0.0, {"x": float(i)}) for i in range(50)]
+    session.add_rows(rows)
+    while session.cut_batches():  # the outage: up to the bound
+        session.add_rows(rows)
+    session.drop_oldest_pending(session.queued_rows)
+    acked = 0
+    for _ in range(100):  # back: a batch acknowledged per flush, a batch logged
+        acked += 1
+        box.drop_through(acked)
+        session.add_rows(rows)
+        if not session.cut_batches():
+            session.drop_oldest_pending(session.queued_rows)  # as Sender._cut does
+    assert box.path.stat().st_size <= disk_bytes
+    box.close()
+    assert sum(copied) <= 4 * disk_bytes, (len(copied), sum(copied))

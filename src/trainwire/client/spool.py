@@ -162,8 +162,14 @@ class SpillingOutbox:
                 self.disk_bytes
             )
         size = self._file.seek(0, os.SEEK_END)
-        if size + needed > self.disk_bytes and self._acknowledged_bytes() >= needed:
-            # Full of records the server has: room is made by dropping them.
+        acknowledged = self._acknowledged_bytes()
+        if size + needed > self.disk_bytes and acknowledged >= max(
+            needed, self._unacknowledged_bytes()
+        ):
+            # Full, and at least half of it records the server has: room is made by
+            # dropping them. (Not for less: each rewrite copies every unacknowledged
+            # byte, and a file at its bound was copied whole at every flush to free
+            # one batch.)
             with contextlib.suppress(OSError):
                 self._compact()
             size = self._file.seek(0, os.SEEK_END)
