@@ -520,3 +520,65 @@ def test_an_offline_run_whose_file_cannot_be_written_says_at_finish_what_was_los
         run.finish(timeout=10)
     assert not run.path.exists()
     assert f"2 rows of run {run.id} were dropped" in caplog.text
+
+
+def test_a_link_that_dies_during_a_big_send_at_finish_still_leaves_the_rows_on_disk(
+    isolated_environment: Path,
+) -> None:
+    """A link that dies under a big send (a cable pulled, a blackholing firewall) must
+    be found dead within the ping timeout, however big the send: given its size's time
+    at 64 KiB/s instead (3 s + 52 s for a batch of 16,000 long-key values), finish()
+    returned with the sender not yet saving, and the rows it held in memory went with
+    the process. Found by review."""
+    import socket
+
+    import msgspec
+    from websockets.frames import Frame, Opcode
+    from websockets.http11 import Request
+    from websockets.server import ServerProtocol
+
+    from trainwire.protocol.messages import PROTOCOL_VERSION, Welcome
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    welcomed, dead_until = threading.Event(), threading.Event()
+
+    def serve() -> None:  # opens the run, then reads nothing more: a dead link
+        conn, _ = listener.accept()
+        with conn:
+            protocol = ServerProtocol(max_size=None)
+            hello = None
+            while hello is None:
+                protocol.receive_data(conn.recv(1 << 16))
+                for event in protocol.events_received():
+                    if isinstance(event, Request):
+                        protocol.send_response(protocol.accept(event))
+                    elif isinstance(event, Frame) and event.opcode is Opcode.BINARY:
+                        hello = event
+                for data in protocol.data_to_send():
+                    conn.sendall(data)
+            protocol.send_binary(
+                msgspec.msgpack.encode(Welcome(v=PROTOCOL_VERSION, run_id="r", last_seq=0))
+            )
+            for data in protocol.data_to_send():
+                conn.sendall(data)
+            welcomed.set()
+            dead_until.wait(120)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        run = trainwire.init(url=f"http://127.0.0.1:{listener.getsockname()[1]}")
+        row = {f"{i:0199d}": float(i) for i in range(16)}
+        for step in range(3000):  # three batches of 16,000 values, 3.4 MB each
+            run.log(row, step=step)
+        assert welcomed.wait(10)  # then the sender's big sends meet a link taking none
+        started = time.monotonic()
+        run.finish(timeout=200 * MS)
+        took = time.monotonic() - started
+        assert run.path.exists(), f"finish() returned after {took:.1f} s, nothing saved"
+    finally:
+        dead_until.set()
+        listener.close()
+        thread.join(10)
+        run._sender.join(30)

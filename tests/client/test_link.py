@@ -236,30 +236,31 @@ def test_a_name_lookup_gives_up_at_the_deadline_and_is_not_started_twice(
 
 
 def test_a_big_message_on_a_slow_but_working_link_is_sent_whole() -> None:
-    """sendall's timeout bounds the whole send: 16 MiB to a reader taking about 10 MB/s
+    """sendall's timeout bounds the whole send: 16 MiB to a reader taking about 5 MB/s
     was given up as a dead link after the ping timeout, and again at every reconnect.
-    A send now gets the ping timeout plus its time at MIN_SEND_RATE."""
+    (A blocked send alone wakes only once half the kernel's buffer has drained, which
+    takes longer than the ping timeout here too: the send queue's progress counts.)"""
     size = 16 << 20
     got: list[int] = []
 
     def read_slowly(conn: socket.socket, protocol: ServerProtocol) -> None:
         conn.settimeout(10_000 * MS)
         while not got:
-            time.sleep(50 * MS)  # a reader slower than the link: 512 KiB a turn
-            protocol.receive_data(conn.recv(512 << 10))
+            time.sleep(50 * MS)  # a reader slower than the link: 256 KiB a turn
+            protocol.receive_data(conn.recv(256 << 10))
             for event in protocol.events_received():
                 if isinstance(event, Frame) and event.opcode is Opcode.BINARY:
                     got.append(len(event.data))
         _events(conn, protocol)  # the client's close
 
-    with server(read_slowly, receive_buffer=1 << 20) as url:
-        link = open_link(url, ping_timeout=300 * MS)
+    with server(read_slowly, receive_buffer=256 << 10) as url:
+        link = open_link(url, ping_timeout=100 * MS)
         started = time.monotonic()
         link.send(bytes(size))
         took = time.monotonic() - started
         link.close()
     assert got == [size]
-    assert took > 300 * MS  # slower than the ping timeout, as the test means
+    assert took > 1000 * MS  # ten times the ping timeout, as the test means
 
 
 def test_a_child_forked_during_a_name_lookup_starts_its_own(

@@ -13,18 +13,20 @@ Decisions:
 - Connects directly, ignoring ``HTTP(S)_PROXY``: a trainwire server sits on the
   training network, where a proxy meant for the internet would only be in the way.
 - A link found dead (no pong in time, a send that cannot progress) is dropped at once,
-  without a closing handshake that a dead link cannot complete. A send is given the
-  ping timeout plus its size at MIN_SEND_RATE (64 KiB/s): a slower link is taken for
-  a dead one while it carries a big frame.
+  without a closing handshake that a dead link cannot complete. A send is dead when
+  the peer takes nothing for the ping timeout, however long the whole send takes.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import selectors
 import socket
 import ssl
+import sys
+import termios
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -40,9 +42,18 @@ from websockets.uri import parse_uri
 __all__ = ["Link", "LinkTimeout"]
 
 _READ_SIZE: Final = 1 << 16
-# The slowest link a send is given time for, in bytes a second, on top of the ping
-# timeout (see Link._flush); slower, a big frame's send is taken for a dead link.
-MIN_SEND_RATE: Final = 64 * 1024
+# A blocked send wakes this often to see whether the peer took anything (_send_all).
+SEND_SLICE: Final = 0.25
+
+
+def _unsent(sock: socket.socket) -> int | None:
+    """Bytes in the kernel's send queue not yet acknowledged by the peer (Linux's
+    SIOCOUTQ); None where the system does not say."""
+    try:
+        buffer = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return None
+    return int.from_bytes(buffer, sys.byteorder, signed=True)
 
 
 class LinkTimeout(TimeoutError):
@@ -283,23 +294,47 @@ class Link:
     def _flush(self) -> None:
         for data in self._protocol.data_to_send():
             if data:
-                # sendall's timeout bounds the whole send, not a stall: a big frame on
-                # a slow but working link (4 MiB at 1 MB/s) was taken for a dead one at
-                # every attempt, and never delivered. So each send gets the ping
-                # timeout plus its time at MIN_SEND_RATE.
-                self._sock.settimeout(self.ping_timeout + len(data) / MIN_SEND_RATE)
-                try:
-                    self._sock.sendall(data)
-                except TimeoutError:
-                    self._dead = True
-                    raise LinkTimeout("a send made no progress: the link is dead") from None
-                finally:
-                    self._sock.settimeout(self.ping_timeout)
+                self._send_all(data)
             else:  # websockets' "half-close now"
                 try:
                     self._sock.shutdown(socket.SHUT_WR)
                 except OSError:
                     pass
+
+    def _send_all(self, data: bytes) -> None:
+        """Send ``data``; a dead link is one that takes nothing for ``ping_timeout``.
+
+        Not ``sendall``: its timeout bounds the whole send, so a big frame on a slow
+        but working link (4 MiB at 1 MB/s) was taken for a dead one at every attempt.
+        Nor ``send`` alone: the kernel wakes a blocked sender only once half its
+        buffer (megabytes) has drained, which a slow link takes seconds to do. Each
+        wait is a slice of SEND_SLICE; between them, bytes leaving the kernel's send
+        queue (the peer acknowledging them) count as progress too.
+        """
+        view = memoryview(data)
+        stalled_since = time.monotonic()
+        queued = _unsent(self._sock)
+        self._sock.settimeout(min(SEND_SLICE, self.ping_timeout))
+        try:
+            while view:
+                try:
+                    sent = self._sock.send(view)
+                except TimeoutError:
+                    sent = 0
+                now = time.monotonic()
+                if sent:
+                    view = view[sent:]
+                    stalled_since, queued = now, _unsent(self._sock)
+                    continue
+                left = _unsent(self._sock)
+                if left is not None and queued is not None and left < queued:
+                    stalled_since = now  # the peer took some: slow, not dead
+                queued = left
+                if now - stalled_since >= self.ping_timeout:
+                    self._dead = True
+                    raise LinkTimeout("a send made no progress: the link is dead")
+        finally:
+            self._sock.settimeout(self.ping_timeout)
 
     def _closed(self) -> ConnectionClosedError:
         protocol = self._protocol
