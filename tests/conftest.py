@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -135,6 +136,25 @@ def frozen_heap() -> Iterator[None]:
         yield
     finally:
         gc.unfreeze()
+
+
+@pytest.fixture
+def hung_resolver(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """A name lookup of ``*.hung.invalid`` that does not answer (a DNS server dropping
+    packets), until the test ends; every other lookup as usual. Yields the names
+    looked up, one entry per lookup that reached the resolver."""
+    real, released, asked = socket.getaddrinfo, threading.Event(), []
+
+    def getaddrinfo(host: str, *args: object, **kwargs: object) -> object:
+        if host.endswith(".hung.invalid") and not kwargs.get("flags"):
+            asked.append(host)
+            released.wait(30)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    yield asked
+    released.set()
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -286,27 +285,6 @@ def test_rows_undelivered_at_finish_stay_on_disk_and_sync_later(
         assert server.store.get_run(run.id).status == "finished"  # type: ignore[union-attr]
     finally:
         server.stop()
-
-
-@pytest.fixture
-def hung_resolver(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
-    """A name lookup of ``*.hung.invalid`` that does not answer (a DNS server dropping
-    packets), until the test ends; every other lookup as usual. Yields the names
-    looked up, one entry per lookup that reached the resolver."""
-    import socket
-
-    real, released, asked = socket.getaddrinfo, threading.Event(), []
-
-    def getaddrinfo(host: str, *args: object, **kwargs: object) -> object:
-        if host.endswith(".hung.invalid") and not kwargs.get("flags"):
-            asked.append(host)
-            released.wait(30)
-            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
-        return real(host, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    yield asked
-    released.set()
 
 
 def test_a_name_lookup_that_never_answers_still_leaves_the_rows_on_disk(

@@ -7,13 +7,17 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from trainwire import __version__
 from trainwire.exceptions import ConfigError, TrainwireError
 from trainwire.settings import Settings, check_port, check_seconds
 
 __all__ = ["main"]
+
+T = TypeVar("T")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,22 +126,24 @@ def _parser(env: Settings) -> argparse.ArgumentParser:
     return parser
 
 
-def _port(text: str) -> int:
-    try:
-        return check_port(int(text), "--port")
-    except (ValueError, ConfigError) as exc:
-        raise argparse.ArgumentTypeError(
-            str(exc) if isinstance(exc, ConfigError) else f"not a port number: {text!r}"
-        ) from None
+def _checked(
+    convert: Callable[[str], T], check: Callable[[T, str], T], flag: str, what: str
+) -> Callable[[str], T]:
+    """An argparse type: ``text`` converted, then checked; either failure one line."""
+
+    def parse(text: str) -> T:
+        try:
+            return check(convert(text), flag)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
 
 
-def _seconds(text: str) -> float:
-    try:
-        return check_seconds(float(text), "--heartbeat-timeout")
-    except (ValueError, ConfigError) as exc:
-        raise argparse.ArgumentTypeError(
-            str(exc) if isinstance(exc, ConfigError) else f"not seconds: {text!r}"
-        ) from None
+_port = _checked(int, check_port, "--port", "a port number")
+_seconds = _checked(float, check_seconds, "--heartbeat-timeout", "seconds")
 
 
 def _serve(args: argparse.Namespace, env: Settings) -> int:

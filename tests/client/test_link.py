@@ -210,29 +210,16 @@ def test_a_live_server_keeps_the_link_alive_through_many_pings() -> None:
 
 
 def test_a_name_lookup_gives_up_at_the_deadline_and_is_not_started_twice(
-    monkeypatch: pytest.MonkeyPatch,
+    hung_resolver: list[str],
 ) -> None:
     """getaddrinfo has no timeout: the lookup runs on a thread of its own, abandoned
     at the connection's deadline; a retry while it still hangs waits for the same one."""
-    real, released, asked = socket.getaddrinfo, threading.Event(), []
-
-    def getaddrinfo(host: str, *args: object, **kwargs: object) -> object:
-        if host == "server.hung.invalid" and not kwargs.get("flags"):
-            asked.append(host)
-            released.wait(30)
-            return real("127.0.0.1", *args, **kwargs)  # type: ignore[arg-type]
-        return real(host, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    try:
-        for _ in range(2):
-            started = time.monotonic()
-            with pytest.raises(TimeoutError):
-                link_module._connect("server.hung.invalid", 9, started + 100 * MS)
-            assert time.monotonic() - started < 1000 * MS
-        assert asked == ["server.hung.invalid"]
-    finally:
-        released.set()
+    for _ in range(2):
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            link_module._connect("server.hung.invalid", 9, started + 100 * MS)
+        assert time.monotonic() - started < 1000 * MS
+    assert hung_resolver == ["server.hung.invalid"]
 
 
 def test_a_big_message_on_a_slow_but_working_link_is_sent_whole() -> None:
@@ -263,33 +250,19 @@ def test_a_big_message_on_a_slow_but_working_link_is_sent_whole() -> None:
     assert took > 1000 * MS  # ten times the ping timeout, as the test means
 
 
-def test_a_child_forked_during_a_name_lookup_starts_its_own(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_child_forked_during_a_name_lookup_starts_its_own(hung_resolver: list[str]) -> None:
     """The parent's lookup has no thread in a forked child (a DataLoader worker, a
     multiprocessing child that starts its own run): waited for there, it never ends,
     and a lock held at the fork never opens."""
     import os
 
-    real, released = socket.getaddrinfo, threading.Event()
-
-    def getaddrinfo(host: str, *args: object, **kwargs: object) -> object:
-        if host == "server.hung.invalid" and not kwargs.get("flags"):
-            released.wait(30)
-            return real("127.0.0.1", *args, **kwargs)  # type: ignore[arg-type]
-        return real(host, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    try:
-        with pytest.raises(TimeoutError):  # the parent gives up; its lookup goes on
-            link_module._connect("server.hung.invalid", 9, time.monotonic() + 50 * MS)
-        assert link_module._lookups
-        with link_module._lookups_lock:  # held at the fork
-            pid = os.fork()
-            if pid == 0:  # the child: no lookup of the parent's, a lock it can take
-                clean = not link_module._lookups
-                os._exit(0 if clean and link_module._lookups_lock.acquire(timeout=1) else 1)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
-    finally:
-        released.set()
+    with pytest.raises(TimeoutError):  # the parent gives up; its lookup goes on
+        link_module._connect("server.hung.invalid", 9, time.monotonic() + 50 * MS)
+    assert link_module._lookups
+    with link_module._lookups_lock:  # held at the fork
+        pid = os.fork()
+        if pid == 0:  # the child: no lookup of the parent's, a lock it can take
+            clean = not link_module._lookups
+            os._exit(0 if clean and link_module._lookups_lock.acquire(timeout=1) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

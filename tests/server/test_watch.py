@@ -62,8 +62,29 @@ async def first_announcement(store: Store, watch: RunWatch) -> RunInfo:
     return announced.result()
 
 
-def test_the_reaper_marks_crashed_a_run_whose_trainers_are_gone(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "t.db")
+class FailsOnce(SQLiteStore):
+    """The real store, whose first look for running runs meets a transient error, as
+    SQLite's ``database is locked`` (another process writing the file for longer than
+    the 5 s busy timeout) or a full disk would give."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.failed = False
+
+    def running_runs(self) -> list[str]:
+        if not self.failed:
+            self.failed = True
+            raise StorageError("database is locked")
+        return super().running_runs()
+
+
+# FailsOnce: the reaper is one task for the server's whole life; a single failed read
+# must not leave every later vanished trainer's run "running" forever.
+@pytest.mark.parametrize("store_class", [SQLiteStore, FailsOnce])
+def test_the_reaper_marks_crashed_a_run_whose_trainers_are_gone(
+    tmp_path: Path, store_class: type[SQLiteStore]
+) -> None:
+    store = store_class(tmp_path / "t.db")
     store.open_run(SPEC, "gone", now=1.0)
     watch = RunWatch(timeout=0.0, now=0.0)
     announced = asyncio.run(first_announcement(store, watch))
@@ -99,32 +120,4 @@ def test_a_trainer_that_says_hello_as_the_reaper_writes_keeps_its_run_running(
     # A trainer is connected and streaming: neither storage nor dashboards say crashed.
     assert announced.status == "running"
     assert store.running_runs() == ["r1"]
-    store.close()
-
-
-class FailsOnce(SQLiteStore):
-    """The real store, whose first look for running runs meets a transient error, as
-    SQLite's ``database is locked`` (another process writing the file for longer than
-    the 5 s busy timeout) or a full disk would give."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
-        self.failed = False
-
-    def running_runs(self) -> list[str]:
-        if not self.failed:
-            self.failed = True
-            raise StorageError("database is locked")
-        return super().running_runs()
-
-
-def test_one_transient_storage_error_does_not_end_the_reaper_for_good(tmp_path: Path) -> None:
-    # The reaper is one task for the server's whole life: a single failed read must
-    # not leave every later vanished trainer's run "running" forever.
-    store = FailsOnce(tmp_path / "t.db")
-    store.open_run(SPEC, "gone", now=1.0)
-    watch = RunWatch(timeout=0.0, now=0.0)
-    announced = asyncio.run(first_announcement(store, watch))
-    assert announced.status == "crashed"
-    assert store.running_runs() == []
     store.close()

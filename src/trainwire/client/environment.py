@@ -47,26 +47,15 @@ def collect() -> dict[str, Any]:
 
 
 def _utf8(value: Any) -> Any:
-    """``value`` with every string made encodable as UTF-8: Linux hands Python the
+    """``value`` with every string encodable as UTF-8: Linux hands Python the
     undecodable bytes of an argument (or a host name) as lone surrogates, which
-    msgpack and JSON refuse, and the run's hello with them."""
+    msgpack and JSON refuse, and the run's hello with them. Such a character is
+    written as its escape (``\\udce9``): the value stays readable, nothing is lost."""
     if isinstance(value, str):
-        try:
-            value.encode()
-        except UnicodeEncodeError:
-            return value.encode(
-                "utf-8", "surrogateescape" if _escaped(value) else "replace"
-            ).decode("utf-8", "replace")
-        return value
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
     if isinstance(value, list):
         return [_utf8(item) for item in value]
     return value
-
-
-def _escaped(text: str) -> bool:
-    # Only U+DC80..U+DCFF come from surrogateescape; other lone surrogates cannot
-    # be turned back into bytes.
-    return all(not "\ud800" <= char <= "\udfff" or "\udc80" <= char <= "\udcff" for char in text)
 
 
 def _basics() -> dict[str, Any]:

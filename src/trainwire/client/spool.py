@@ -254,12 +254,17 @@ class SpillingOutbox:
         return last_offset + _LENGTH.size + last_size - self._index[0][1]
 
     def _compact(self) -> None:
-        """Rewrite the file with its unacknowledged records alone, copied as bytes;
-        replaced atomically, as persist() does, so a crash leaves one whole file."""
+        """Rewrite the file with its unacknowledged records alone (_replace_file)."""
+        self._replace_file([])
+
+    def _replace_file(self, held: list[Sequenced]) -> None:
+        """Replace the file by one holding ``held``, then its undelivered records, copied
+        as bytes. Replaced while the old file is still open (POSIX): a failure up to
+        the replacement leaves the old file whole, and is raised."""
         assert self._file is not None and self._index
         partial = self.path.with_name(self.path.name + ".partial")
         try:
-            data_start, index = self._rewrite([], partial)
+            data_start, index = self._rewrite(held, partial)
             os.replace(partial, self.path)
         except BaseException:
             partial.unlink(missing_ok=True)
@@ -325,23 +330,12 @@ class SpillingOutbox:
             for item in held:
                 self.append(item)
             return
-        assert self._file is not None
-        partial = self.path.with_name(self.path.name + ".partial")
         try:
-            data_start, index = self._rewrite(held, partial)
-            # Replaced while the old file is still open (POSIX): a failure up to here
-            # leaves the old file whole, and the items in memory where they were.
-            os.replace(partial, self.path)
-        except BaseException:
-            partial.unlink(missing_ok=True)
+            self._replace_file(held)
+        except BaseException:  # the old file is whole: the items go back to memory
             self._memory.extend(held)
             self._memory_rows = held_rows
             raise
-        self._file.close()
-        self._file = open(self.path, "r+b", buffering=0)  # noqa: SIM115 - see _open
-        self._file.seek(0, os.SEEK_END)
-        self._data_start = data_start
-        self._index = index
         self._disk_rows += held_rows
         self.spilled += len(held)
 

@@ -86,6 +86,11 @@ class Authenticator:
     # token -> (when read, its scope then): see still_grants.
     _recent: dict[str, tuple[float, AccessScope | None]] = field(default_factory=dict, repr=False)
 
+    def is_admin(self, token: str) -> bool:
+        """``token`` is the server's own (compared in constant time)."""
+        admin = self.admin_token
+        return admin is not None and hmac.compare_digest(token.encode(), admin.encode())
+
     def still_grants(self, token: str, needed: AccessScope, now: float) -> bool:
         """Whether a share token that opened a WebSocket still grants ``needed``:
         ``trainwire token revoke`` (another process, writing the database) and expiry
@@ -103,9 +108,7 @@ class Authenticator:
             return AccessScope.ADMIN
         if not token:
             return None
-        if self.admin_token is not None and hmac.compare_digest(
-            token.encode(), self.admin_token.encode()
-        ):
+        if self.is_admin(token):
             return AccessScope.ADMIN
         if self.lookup is not None:
             scope = self.lookup(token, now)
@@ -199,10 +202,7 @@ class AuthMiddleware:
 
     def _is_share_token(self, token: str) -> bool:
         """Neither auth off nor the admin token: one that can be revoked or expire."""
-        admin = self.authenticator.admin_token
-        return self.authenticator.enabled and not (
-            admin is not None and hmac.compare_digest(token.encode(), admin.encode())
-        )
+        return self.authenticator.enabled and not self.authenticator.is_admin(token)
 
     def _while_valid(
         self, token: str, needed: AccessScope, receive: Receive, send: Send

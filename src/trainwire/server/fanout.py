@@ -221,7 +221,7 @@ class DashboardFeed:
         # others be served between parts.
         for seq, series in parts(columns, max(last_seq, after)):
             await self._send(encode_json(Points(run=run_id, seq=seq, series=spelled(series))))
-            if run_id not in self._last_sent or run_id not in self._following:
+            if run_id not in self._following:
                 # Unsubscribed meanwhile: command() takes it out of _following at
                 # once; _last_sent only when pump() reaches the Unsubscribe.
                 return
