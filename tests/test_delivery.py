@@ -413,6 +413,31 @@ def test_a_run_past_the_servers_key_limit_keeps_its_known_keys(live_server: Live
     assert run._sender.dropped_values == 1
 
 
+def test_a_resumed_run_past_the_key_limit_delivers_every_other_value(
+    live_server: LiveServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The resumed writer cannot know the keys its earlier life gave the run (nor one
+    rank those of the others): a key past the run's limit was refused with its
+    batch, and every batch after it, at every resend. Now only that key's values are
+    lost, counted, and the key is no longer sent."""
+    from trainwire.protocol.limits import MAX_KEYS_PER_RUN
+
+    with trainwire.init(url=live_server.url) as first:
+        first.log({f"k{i}": 1.0 for i in range(MAX_KEYS_PER_RUN)}, step=0)
+    again = trainwire.init(resume=first.id, url=live_server.url)
+    again.log({"new": 1.0, "k0": 2.0}, step=1)
+    assert wait_until(lambda: again._sender.session.refused_keys == {"new"}, timeout=10)
+    again.log({"new": 3.0, "k1": 2.0}, step=2)  # dropped at the source now
+    with caplog.at_level(logging.WARNING, logger="trainwire.client"):
+        again.finish(timeout=30)
+    assert again.delivered
+    assert stored_steps(live_server, first.id, "k0") == [0, 1]
+    assert stored_steps(live_server, first.id, "k1") == [0, 2]
+    assert "new" not in live_server.store.keys(first.id)
+    assert (again._sender.session.refused_values, again._sender.dropped_values) == (1, 1)
+    assert any("most metric keys" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize("timeout", [math.inf, None], ids=["inf", "None"])
 def test_finish_without_a_time_limit_waits_for_delivery(
     live_server: LiveServer, timeout: float | None

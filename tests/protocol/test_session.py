@@ -179,6 +179,34 @@ def test_server_acks_a_duplicate_without_asking_to_store_it() -> None:
     assert decode(server.frames_to_send()) == [Ack(seq=2)]
 
 
+def test_server_names_the_keys_left_out_of_a_batch_in_its_ack() -> None:
+    server = ServerSession()
+    server.receive_frame(enc(Hello(v=PROTOCOL_VERSION, run=SPEC)))
+    server.run_opened(Hello(v=PROTOCOL_VERSION, run=SPEC), last_seq=0)
+    server.frames_to_send()
+    server.receive_frame(enc(Batch(seq=1, rows=[(0, 1.0, {"b": 1.0, "a": 2.0, "c": 3.0})])))
+    server.committed(1, refused=("c", "b"))
+    assert decode(server.frames_to_send()) == [Ack(seq=1, refused=["b", "c"])]
+    # An ack that leaves nothing out is the older protocol's ack, byte for byte.
+    server.committed(2)
+    assert server.frames_to_send() == [enc({"type": "ack", "seq": 2})]
+
+
+def test_client_counts_the_values_the_server_left_out_and_remembers_their_keys() -> None:
+    client = open_client(rows_per_batch=2)
+    client.add_rows(
+        [(0, 1.0, {"a": 1.0, "new": 2.0}), (1, 2.0, {"new": 3.0}), (2, 3.0, {"a": 4.0})]
+    )
+    assert len(client.frames_to_send()) == 2
+    client.receive_frame(enc(Ack(seq=1, refused=["new"])))
+    assert (client.refused_keys, client.refused_values) == ({"new"}, 2)
+    client.receive_frame(enc(Ack(seq=2)))
+    assert client.refused_values == 2 and client.delivered
+    # A late ack of a batch already acknowledged (dropped) counts nothing twice.
+    client.receive_frame(enc(Ack(seq=1, refused=["new"])))
+    assert client.refused_values == 2
+
+
 @pytest.mark.parametrize(
     ("frame", "code", "reason"),
     [

@@ -569,12 +569,6 @@ OFFENDER: Final = RunSpec(id="bad", project="p", name="bad")
         pytest.param(
             Limits(), [(0, 1.0, {"bad\nkey": 1.0})], "has control characters", id="newline in key"
         ),
-        pytest.param(
-            Limits(max_series_per_run=3),
-            [(0, 1.0, {"a": 1.0, "b": 1.0}), (1, 2.0, {"c": 1.0, "d": 1.0})],
-            "run has more than 3 metric keys",
-            id="series per run",
-        ),
     ],
 )
 def test_a_trainer_over_a_limit_alone_is_closed_1008_with_a_reason(
@@ -596,15 +590,41 @@ def test_a_trainer_over_a_limit_alone_is_closed_1008_with_a_reason(
         assert client.get("/api/runs/bad/metrics", headers=ADMIN).json()["series"] == {}
 
 
+def test_keys_past_the_series_cap_are_refused_by_name_and_the_rest_stored(
+    tmp_path: Path,
+) -> None:
+    """The key limit is the run's: a writer cannot know what its other ranks, or its
+    own earlier life, gave the run. So a key past it must not close the connection,
+    whose batch would then be refused at every resend with every batch after it: the
+    values of that key are left out, the writer told which, and the rest stored."""
+    limits = Limits(max_series_per_run=3)
+    with TestClient(create_app(settings_for(tmp_path, limits=limits))) as client:
+        with open_trainer(client, RUN) as ws:
+            rows: list[Row] = [(0, 1.0, {"a": 1.0, "b": 2.0}), (1, 2.0, {"c": 3.0, "d": 4.0})]
+            send(ws, Batch(seq=1, rows=rows))
+            assert receive(ws) == Ack(seq=1, refused=["d"])
+            send(ws, Batch(seq=2, rows=[(2, 3.0, {"a": 5.0, "e": 6.0})]))
+            assert receive(ws) == Ack(seq=2, refused=["e"])
+        series = client.get(f"/api/runs/{RUN.id}/metrics", headers=ADMIN).json()["series"]
+        assert {key: s["value"] for key, s in series.items()} == {
+            "a": [1.0, 5.0],
+            "b": [2.0],
+            "c": [3.0],
+        }
+
+
 def test_the_series_cap_counts_every_rank_of_a_run(tmp_path: Path) -> None:
     limits = Limits(max_series_per_run=3)
     with TestClient(create_app(settings_for(tmp_path, limits=limits))) as client:
+        acks = []
         for rank in (0, 1):
             with open_trainer(client, RUN, rank=rank, stream=f"rank-{rank}") as ws:
-                send(ws, Batch(seq=1, rows=[(0, 1.0, {"a": 1.0, "b": 1.0, "c": 1.0})]))
-                message = ws.receive()
-        # Rank 1 took the run to 6 keys.
-        assert message["type"] == "websocket.close" and message["code"] == 1008, message
+                send(ws, Batch(seq=1, rows=[(0, 1.0, {"a": 1.0, "b": 1.0})]))
+                acks.append(receive(ws))
+        # Rank 1's keys are rank1/a and rank1/b: the run's 3rd and 4th.
+        assert acks == [Ack(seq=1), Ack(seq=1, refused=["b"])]
+        keys = client.get(f"/api/runs/{RUN.id}", headers=ADMIN).json()["keys"]
+        assert sorted(keys) == ["rank0/a", "rank0/b", "rank1/a"]
 
 
 def test_the_series_cap_counts_writers_that_opened_the_run_together(tmp_path: Path) -> None:
@@ -616,9 +636,8 @@ def test_the_series_cap_counts_writers_that_opened_the_run_together(tmp_path: Pa
         ):
             send(first, Batch(seq=1, rows=[(0, 1.0, {"a": 1.0, "b": 1.0, "c": 1.0})]))
             assert receive(first) == Ack(seq=1)
-            send(second, Batch(seq=1, rows=[(0, 1.0, {"d": 1.0})]))
-            message = second.receive()
-        assert message["type"] == "websocket.close" and message["code"] == 1008, message
+            send(second, Batch(seq=1, rows=[(0, 1.0, {"a": 2.0, "d": 1.0})]))
+            assert receive(second) == Ack(seq=1, refused=["d"])
 
 
 def test_a_long_foreign_origin_is_still_closed_4403_with_a_reason(live_server: LiveServer) -> None:

@@ -56,6 +56,27 @@ def test_dashboard_gets_runs_then_a_snapshot_then_live_deltas(client: TestClient
             assert update["type"] == "run" and update["run"]["status"] == "finished"
 
 
+def test_a_live_delta_holds_only_the_values_stored(tmp_path: Path) -> None:
+    """Keys past the run's limit are not stored: a dashboard must not draw what a
+    reload would not show."""
+    app = create_app(app_settings(tmp_path, max_series_per_run=1))
+    with TestClient(app, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as client:
+        with open_trainer(client) as trainer:
+            log_batch(trainer, 1, 0)
+            with open_dashboard(client) as dash:
+                greeting(dash)
+                dash.send_json({"type": "subscribe", "run": "run-1", "after": 1})
+                rows = [(1, 1.0, {"train/loss": 0.5, "extra": 1.0}), (2, 2.0, {"extra": 2.0})]
+                send(trainer, Batch(seq=2, rows=rows))
+                assert receive(trainer) == Ack(seq=2, refused=["extra"])
+                delta = dash.receive_json()
+                assert (delta["seq"], list(delta["series"]), steps(delta)) == (
+                    2,
+                    ["train/loss"],
+                    [1],
+                )
+
+
 def test_a_reconnecting_dashboard_resumes_without_gap_or_duplicate(client: TestClient) -> None:
     with open_trainer(client) as trainer:
         log_batch(trainer, 1, 0)

@@ -134,6 +134,33 @@ def test_streams_are_numbered_apart_and_the_run_commit_counter_orders_them(tmp_p
     assert store.metrics("r1", after=1)[1]["rank1/loss"].step == [0]
 
 
+def test_keys_past_the_runs_limit_are_left_out_and_named_and_the_rest_stored(
+    tmp_path: Path,
+) -> None:
+    """The limit is the run's, over every stream and rank prefix; a key the run
+    already has is stored whatever the count."""
+    store = SQLiteStore(tmp_path / "t.db")
+    store.open_run(SPEC, "a", now=1.0)
+    store.open_run(SPEC, "b", now=1.0)
+    assert store.append_batch("r1", "a", batch(1, 0), now=1.0, max_keys=3) == Commit(0, 1)
+    extra = Batch(seq=1, rows=[(0, 1.0, {"loss": 2.0, "lr": 0.1}), (1, 2.0, {"grad": 3.0})])
+    commit = store.append_batch("r1", "b", extra, now=1.0, prefix="rank1/", max_keys=3)
+    assert commit == Commit(1, 2, refused=("lr", "grad"))
+    more = Batch(seq=2, rows=[(1, 3.0, {"loss": 0.5, "acc": 0.7, "lr": 0.2})])
+    assert store.append_batch("r1", "a", more, now=1.0, max_keys=3) == Commit(2, 3, ("lr",))
+    assert store.keys("r1") == ["loss", "acc", "rank1/loss"]
+    series = store.metrics("r1")[1]
+    assert {k: v.value for k, v in series.items()} == {
+        "loss": [1.0, 0.5],
+        "acc": [0.5, 0.7],
+        "rank1/loss": [2.0],
+    }
+    # Without a limit, every key is stored.
+    unbounded = Batch(seq=2, rows=[(2, 4.0, {"lr": 0.3})])
+    assert store.append_batch("r1", "b", unbounded, now=1.0, prefix="rank1/") == Commit(3, 4)
+    assert "rank1/lr" in store.keys("r1")
+
+
 def test_a_run_is_finished_when_every_stream_is_and_crashed_if_one_vanished(
     tmp_path: Path,
 ) -> None:

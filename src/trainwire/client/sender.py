@@ -27,7 +27,7 @@ from trainwire.client.values import to_float
 from trainwire.exceptions import ProtocolError
 from trainwire.protocol.batching import Backoff
 from trainwire.protocol.limits import STEP_MAX, STEP_MIN, key_problem
-from trainwire.protocol.messages import FinishStatus, Row
+from trainwire.protocol.messages import Ack, FinishStatus, Row
 from trainwire.protocol.session import ClientSession
 
 __all__ = ["OPEN_TIMEOUT", "LoggedRow", "Sender"]
@@ -371,8 +371,19 @@ class Sender(threading.Thread):
         for data in ws.receive(timeout):
             if isinstance(data, str):
                 raise ProtocolError("server sent a text frame")
-            self.session.receive_frame(data)
+            message = self.session.receive_frame(data)
             self._backoff.reset()
+            if type(message) is Ack and message.refused:
+                # Past the run's key limit, which the run's other writers count
+                # towards too: stop sending these keys (see _take_key).
+                self._keys.difference_update(message.refused)
+                self._warn_once(
+                    "refused",
+                    "trainwire: run %s has the most metric keys the server allows; "
+                    "values of %s and of any other new key are not stored",
+                    self.session.run.id,
+                    ", ".join(map(repr, message.refused[:3])),
+                )
 
     def pace(self, rows: int, seconds: float) -> float:
         """The wait before the next drain, after one that took ``rows`` logged over
@@ -517,6 +528,9 @@ class Sender(threading.Thread):
         """True if ``key`` is known or a new key the server takes (then known)."""
         if key in self._keys:
             return True
+        if key in self.session.refused_keys:  # see _receive: the run has its most keys
+            self.dropped_values += 1
+            return False
         problem = key_problem(key, len(self._keys))
         if problem is not None:
             self.dropped_values += 1

@@ -23,6 +23,7 @@ __all__ = [
     "MAX_ROWS_PER_BATCH",
     "STEP_MAX",
     "STEP_MIN",
+    "key_name_problem",
     "key_problem",
     "nests_deeper_than",
 ]
@@ -57,14 +58,21 @@ def key_problem(
     max_length: int = MAX_KEY_LENGTH,
     max_keys: int = MAX_KEYS_PER_RUN,
 ) -> str | None:
-    """Why a server refuses ``key`` as a new metric key of a writer that already
-    has ``known`` keys; None if it takes it."""
+    """Why a server refuses ``key`` as a new metric key of a run that already has
+    ``known`` keys; None if it takes it."""
+    problem = key_name_problem(key, max_length)
+    if problem is None and known >= max_keys:
+        return f"run has more than {max_keys} metric keys"
+    return problem
+
+
+def key_name_problem(key: str, max_length: int = MAX_KEY_LENGTH) -> str | None:
+    """Why ``key`` is no metric key at all (a server closes the connection of a
+    writer that sends it); None if it is one."""
     if not key or len(key) > max_length:
         return f"metric keys must have 1 to {max_length} characters"
     if not key.isprintable():
         return f"metric key {key[:40]!r} has control characters"
-    if known >= max_keys:
-        return f"run has more than {max_keys} metric keys"
     return None
 
 

@@ -138,8 +138,14 @@ class Welcome(msgspec.Struct, frozen=True, tag="welcome", tag_field="type"):
     last_seq: int
 
 
-class Ack(msgspec.Struct, frozen=True, tag="ack", tag_field="type"):
+class Ack(msgspec.Struct, frozen=True, tag="ack", tag_field="type", omit_defaults=True):
+    """``seq`` is stored. ``refused``: metric keys of that batch (as the writer named
+    them) whose values were not stored, because the run already holds the most
+    metric keys the server allows; their values are lost, the rest of the batch is
+    stored. Older servers never send it, older clients ignore it."""
+
     seq: int
+    refused: list[str] = []
 
 
 ServerToTrainer = Welcome | Ack

@@ -23,7 +23,7 @@ from trainwire.protocol.limits import (
     MAX_KEY_LENGTH,
     MAX_KEYS_PER_RUN,
     MAX_ROWS_PER_BATCH,
-    key_problem,
+    key_name_problem,
     nests_deeper_than,
 )
 from trainwire.protocol.messages import (
@@ -108,6 +108,10 @@ class ClientSession:
         self._sent_seq = self.acked_seq  # the last seq written on this connection
         self._finish_status: FinishStatus | None = None
         self._finish_seq: int | None = None
+        # Metric keys the server refused (the run holds its most keys), and how many
+        # values under them it did not store.
+        self.refused_keys: set[str] = set()
+        self.refused_values = 0
 
     # -- input from the training side ---------------------------------------------
 
@@ -187,11 +191,24 @@ class ClientSession:
                 self.state = ConnectionState.OPEN
                 self._acknowledge(last_seq)
                 self._sent_seq = self.acked_seq
-            case Ack(seq=seq):
+            case Ack(seq=seq, refused=refused):
                 if self.state is not ConnectionState.OPEN:
                     raise ProtocolError("ack before welcome", code=1008)
+                if refused:
+                    self._count_refused(seq, refused)
                 self._acknowledge(seq)
         return message
+
+    def _count_refused(self, seq: int, keys: list[str]) -> None:
+        """The server stored batch ``seq`` without the values of ``keys``."""
+        refused = set(keys)
+        self.refused_keys |= refused
+        if seq > self.acked_seq:  # still held: count what was lost
+            for item in self.outbox.items(seq, 1):
+                if isinstance(item, Batch) and item.seq == seq:
+                    self.refused_values += sum(
+                        len(refused.intersection(values)) for _, _, values in item.rows
+                    )
 
     def _acknowledge(self, seq: int) -> None:
         if seq > self.acked_seq:
@@ -278,6 +295,10 @@ class ServerSession:
     After :meth:`receive_frame` returns a message, the caller acts on it (opens the
     run, commits the batch) and reports back with :meth:`run_opened` or
     :meth:`committed`, which queue the reply for :meth:`frames_to_send`.
+
+    How many keys a run may have is not checked here but in the store, where every
+    writer of the run meets; ``max_known_keys`` only bounds how many key names a
+    connection remembers as checked (the run's key limit is the natural bound).
     """
 
     def __init__(
@@ -285,14 +306,14 @@ class ServerSession:
         *,
         max_rows_per_batch: int = MAX_ROWS_PER_BATCH,
         max_key_length: int = MAX_KEY_LENGTH,
-        max_series_per_run: int = MAX_KEYS_PER_RUN,
+        max_known_keys: int = MAX_KEYS_PER_RUN,
     ) -> None:
         self.run: RunSpec | None = None
         self.hello: Hello | None = None
         self.last_seq = 0
         self.max_rows_per_batch = max_rows_per_batch
         self.max_key_length = max_key_length
-        self.max_series_per_run = max_series_per_run
+        self.max_known_keys = max_known_keys
         self._known_keys: set[str] = set()
         self._replies: list[bytes] = []
 
@@ -347,19 +368,15 @@ class ServerSession:
         known = self._known_keys
         for _, _, values in batch.rows:
             for key in values:
-                if key not in known:  # each key is checked once per connection
+                if key not in known:  # each key's name is checked once per connection
                     self._check_new_key(key)
 
     def _check_new_key(self, key: str) -> None:
-        problem = key_problem(
-            key,
-            len(self._known_keys),
-            max_length=self.max_key_length,
-            max_keys=self.max_series_per_run,
-        )
+        problem = key_name_problem(key, self.max_key_length)
         if problem is not None:
             raise ProtocolError(problem, code=1008)
-        self._known_keys.add(key)
+        if len(self._known_keys) < self.max_known_keys:
+            self._known_keys.add(key)
 
     def run_opened(self, hello: Hello, last_seq: int, keys: Iterable[str] = ()) -> None:
         """The run and stream named in ``hello`` are open in storage, holding batches
@@ -372,10 +389,11 @@ class ServerSession:
             _encoder.encode(Welcome(v=PROTOCOL_VERSION, run_id=hello.run.id, last_seq=last_seq))
         )
 
-    def committed(self, seq: int) -> None:
-        """The batch (or finish) ``seq`` is durably stored: acknowledge it."""
+    def committed(self, seq: int, refused: Iterable[str] = ()) -> None:
+        """The batch (or finish) ``seq`` is durably stored, but for the values of the
+        metric keys ``refused`` (past the run's key limit): acknowledge it, naming them."""
         self.last_seq = max(self.last_seq, seq)
-        self._replies.append(_encoder.encode(Ack(seq=seq)))
+        self._replies.append(_encoder.encode(Ack(seq=seq, refused=sorted(refused))))
 
     def frames_to_send(self) -> list[bytes]:
         frames, self._replies = self._replies, []

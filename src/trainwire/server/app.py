@@ -83,10 +83,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        limit = settings.limits.max_series_per_run
-        app.state.store = (
-            store if store is not None else SQLiteStore(settings.db_path, max_series_per_run=limit)
-        )
+        app.state.store = store if store is not None else SQLiteStore(settings.db_path)
         app.state.bus = bus if bus is not None else MemoryBus()
         tokens = TokenStore(settings.db_path)
         authenticator.lookup = tokens.scope_of

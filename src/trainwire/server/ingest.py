@@ -19,7 +19,7 @@ from trainwire.server.fanout import Followers
 from trainwire.server.limits import RateLimiter, client_address
 from trainwire.server.watch import RunWatch
 from trainwire.settings import Limits
-from trainwire.storage import SeriesLimitExceeded, Store
+from trainwire.storage import Store
 
 __all__ = ["RunUpdates", "serve_trainer"]
 
@@ -89,12 +89,19 @@ async def serve_trainer(
     session = ServerSession(
         max_rows_per_batch=limits.max_rows_per_batch,
         max_key_length=limits.max_key_length,
-        max_series_per_run=limits.max_series_per_run,
+        max_known_keys=limits.max_series_per_run,
     )
     # Runs are rate-limited per token, or per address when authentication is off.
     principal = str(ws.scope.get("trainwire.principal") or client_address(ws.scope))
     context = _Context(
-        store, bus, watch, new_runs, principal, followers, run_updates or RunUpdates()
+        store,
+        bus,
+        watch,
+        new_runs,
+        principal,
+        followers,
+        run_updates or RunUpdates(),
+        limits.max_series_per_run,
     )
     try:
         await _serve(ws, session, context, limits.max_frame_bytes)
@@ -112,6 +119,8 @@ class _Context:
     principal: str
     followers: Followers | None
     run_updates: RunUpdates
+    max_keys: int  # metric keys per run (Limits.max_series_per_run)
+    said_refused: bool = False  # the run's key limit, logged once per connection
 
 
 async def _serve(
@@ -182,19 +191,30 @@ async def _handle(
             run_id = hello.run.id
             # Ranks of one distributed job share the run; their keys stay apart.
             prefix = "" if hello.rank is None else f"rank{hello.rank}/"
-            try:
-                commit = await run_in_threadpool(
-                    store.append_batch, run_id, hello.stream, message, time.time(), prefix
-                )
-            except SeriesLimitExceeded as exc:
-                raise ProtocolError(str(exc), code=1008) from exc
-            session.committed(message.seq)
+            commit = await run_in_threadpool(
+                store.append_batch,
+                run_id,
+                hello.stream,
+                message,
+                time.time(),
+                prefix,
+                context.max_keys,
+            )
+            # Keys past the run's limit: the rest of the batch is stored, and the writer
+            # told which were not, so that it stops sending them. (Refusing the whole
+            # batch held back every batch after it at every resend: a writer cannot
+            # know the keys that the run's other ranks, or its earlier life, gave it.)
+            # A resent batch already stored names none; later ones will.
+            refused = () if commit is None else commit.refused
+            session.committed(message.seq, refused)
+            if refused and not context.said_refused:
+                context.said_refused = True
+                logger.warning(
+                    "run %s has its most metric keys: values of new keys not stored (%s)",
+                    run_id, ", ".join(map(repr, refused[:3])),
+                )  # fmt: skip
             if commit is not None:
-                rows = message.rows
-                if prefix:
-                    rows = [
-                        (step, t, {prefix + k: v for k, v in vs.items()}) for step, t, vs in rows
-                    ]
+                rows = _without(message.rows, refused, prefix)
                 frame = b""  # nobody follows the run here: see Followers
                 if context.followers is None or run_id in context.followers:
                     if sum(len(values) for _, _, values in rows) > BIG_BATCH_VALUES:
@@ -216,6 +236,19 @@ async def _handle(
                 context.run_updates.announced(hello.run.id, time.monotonic())
                 await bus.publish(RunChanged(info))
                 logger.info("run %s stream %s %s", hello.run.id, hello.stream, status)
+
+
+def _without(rows: list[Row], refused: tuple[str, ...], prefix: str) -> list[Row]:
+    """``rows`` as stored: keys under ``prefix``, those ``refused`` left out."""
+    if not refused and not prefix:
+        return rows
+    left_out = set(refused)
+    kept: list[Row] = []
+    for step, at, values in rows:
+        stored = {prefix + k: v for k, v in values.items() if k not in left_out}
+        if stored:
+            kept.append((step, at, stored))
+    return kept
 
 
 def _points_frame(run_id: str, seq: int, rows: list[Row]) -> bytes:

@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 from trainwire.storage.base import Commit, SampledSeries, SeriesSummary, Store
-from trainwire.storage.sqlite import SeriesLimitExceeded, SQLiteStore
+from trainwire.storage.sqlite import SQLiteStore
 
 __all__ = [
     "Commit",
     "SQLiteStore",
     "SampledSeries",
-    "SeriesLimitExceeded",
     "SeriesSummary",
     "Store",
 ]

@@ -16,10 +16,12 @@ __all__ = ["Commit", "CommittedColumns", "SampledSeries", "SeriesSummary", "Stor
 @dataclass(frozen=True)
 class Commit:
     """What one committed batch changed: the run's sequence number went from
-    ``prev_seq`` to ``seq``."""
+    ``prev_seq`` to ``seq``. ``refused``: the batch's metric keys (as its writer
+    named them) whose values were not stored, the run holding its most keys."""
 
     prev_seq: int
     seq: int
+    refused: tuple[str, ...] = ()
 
 
 class CommittedColumns(NamedTuple):
@@ -65,11 +67,19 @@ class Store(Protocol):
         ...
 
     def append_batch(
-        self, run_id: str, stream: str, batch: Batch, now: float, prefix: str = ""
+        self,
+        run_id: str,
+        stream: str,
+        batch: Batch,
+        now: float,
+        prefix: str = "",
+        max_keys: int | None = None,
     ) -> Commit | None:
         """Store a batch, its keys under ``prefix``; None when the stream already
         holds this seq. ``Commit`` carries the run's commit counter, which orders
-        every batch of the run, whatever its stream, for the dashboards."""
+        every batch of the run, whatever its stream, for the dashboards. A key that
+        would give the run more than ``max_keys`` keys has its values left out, the
+        rest of the batch stored, and is named in ``Commit.refused``."""
         ...
 
     def set_status(

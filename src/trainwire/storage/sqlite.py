@@ -21,7 +21,7 @@ from trainwire.storage.base import Commit, CommittedColumns, SampledSeries, Seri
 from trainwire.storage.chunks import Chunk, Columns
 from trainwire.storage.downsample import downsample
 
-__all__ = ["MERGE_AT", "SCHEMA_VERSION", "SMALL_CHUNK", "SQLiteStore", "SeriesLimitExceeded"]
+__all__ = ["MERGE_AT", "SCHEMA_VERSION", "SMALL_CHUNK", "SQLiteStore"]
 
 SCHEMA_VERSION: Final = 3
 
@@ -112,17 +112,13 @@ class SQLiteStore:
 
     Args:
         path: the database file; its folder is created if missing.
-        max_series_per_run: refuse a batch that would give a run more metric keys
-            (``SeriesLimitExceeded``); checked here, where every writer of the run
-            meets, so no number of connections or ranks gets around it.
 
     Raises:
         StorageError: the file cannot be opened, or was written by a newer trainwire.
     """
 
-    def __init__(self, path: Path | str, *, max_series_per_run: int | None = None) -> None:
+    def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self.max_series_per_run = max_series_per_run
         try:
             # Private (0700): it holds every run; the README promises as much.
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -220,21 +216,33 @@ class SQLiteStore:
             return 0 if row is None else int(row[0])
 
     def append_batch(
-        self, run_id: str, stream: str, batch: Batch, now: float, prefix: str = ""
+        self,
+        run_id: str,
+        stream: str,
+        batch: Batch,
+        now: float,
+        prefix: str = "",
+        max_keys: int | None = None,
     ) -> Commit | None:
+        # The key limit is checked here, under the lock, where every writer of the
+        # run meets: no number of connections or ranks gets around it.
         with self._lock, self._transaction():
             if not self._claim_seq(run_id, stream, batch.seq):
                 return None
             prev, commit = self._next_commit(run_id, now)
             # One chunk per key: a single row however many points the batch holds.
-            encoded = [
-                (self._series_id(run_id, prefix + key), chunks.encode(commit, *columns))
-                for key, columns in _columns(batch.rows).items()
-            ]
+            encoded: list[tuple[int, Chunk]] = []
+            refused: list[str] = []
+            for key, columns in _columns(batch.rows).items():
+                series_id = self._series_id(run_id, prefix + key, max_keys)
+                if series_id is None:
+                    refused.append(key)
+                else:
+                    encoded.append((series_id, chunks.encode(commit, *columns)))
             self._db.executemany(_INSERT_CHUNK, [(sid, *chunk) for sid, chunk in encoded])
             for series_id, chunk in encoded:
                 self._compact(series_id, chunk.n)
-            return Commit(prev_seq=prev, seq=commit)
+            return Commit(prev_seq=prev, seq=commit, refused=tuple(refused))
 
     def set_status(
         self, run_id: str, stream: str, status: str, seq: int, now: float
@@ -327,7 +335,9 @@ class SQLiteStore:
         )
         return int(prev), int(prev) + 1
 
-    def _series_id(self, run_id: str, key: str) -> int:
+    def _series_id(self, run_id: str, key: str, max_keys: int | None) -> int | None:
+        """The series of ``key``, made if new; None if new and the run already has
+        ``max_keys``."""
         cached = self._series_ids.get((run_id, key))
         if cached is not None:
             return cached
@@ -335,14 +345,12 @@ class SQLiteStore:
             "SELECT id FROM series WHERE run_id = ? AND key = ?", (run_id, key)
         ).fetchone()
         if row is None:
-            if self.max_series_per_run is not None:
+            if max_keys is not None:
                 (count,) = self._db.execute(
                     "SELECT COUNT(*) FROM series WHERE run_id = ?", (run_id,)
                 ).fetchone()
-                if count >= self.max_series_per_run:
-                    raise SeriesLimitExceeded(
-                        f"run has more than {self.max_series_per_run} metric keys"
-                    )
+                if count >= max_keys:
+                    return None
             row = self._db.execute(
                 "INSERT INTO series (run_id, key) VALUES (?, ?) RETURNING id", (run_id, key)
             ).fetchone()
@@ -533,10 +541,6 @@ class SQLiteStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
-
-
-class SeriesLimitExceeded(StorageError):
-    """A batch would give its run more metric keys than allowed."""
 
 
 class _Transaction:
