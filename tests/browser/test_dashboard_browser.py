@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
 from tests.conftest import MS, SCREENSHOTS, LiveServer
 
 import trainwire
+from trainwire.protocol.messages import Batch, RunSpec
+from trainwire.storage import SQLiteStore
 
 pytestmark = pytest.mark.browser
 
@@ -62,4 +65,42 @@ def test_a_live_run_is_drawn_and_resumes_without_a_gap_after_a_dropped_connectio
     assert errors == []
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / "live-run.png"), full_page=True)
+    page.close()
+
+
+def test_a_run_deleted_and_made_again_while_the_page_was_away_is_loaded_anew(
+    live_server: LiveServer, browser: Any
+) -> None:
+    """Its commits are numbered afresh: a page resuming it by number would keep the
+    old run's points and skip as many of the new one's."""
+    errors: list[str] = []
+    page = browser.new_page()
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    with trainwire.init(id="reused", project="browser", url=live_server.url) as old:
+        for step in range(10):
+            old.log({"x": 1.0}, step=step)
+    page.goto(old.url)
+    wait_for_points(page, "x", 10)
+
+    live_server.stop()
+    page.wait_for_selector('#conn[data-state="reconnecting"]')
+    store = SQLiteStore(live_server.store.path)  # the server's own closed with it
+    assert store.delete_run("reused")
+    again = RunSpec(id="reused", project="browser", name="second life")
+    store.open_run(again, "main", now=time.time())
+    store.append_batch(
+        "reused",
+        "main",
+        Batch(seq=1, rows=[(s, 1.0, {"x": 2.0}) for s in range(5)]),
+        now=time.time(),
+    )
+    store.close()
+    live_server.start()
+    page.wait_for_function(
+        "() => window.__trainwire.series.reused?.x?.value.length === 5",
+        timeout=30_000 * MS * 1000,
+    )
+    values = page.evaluate("() => Array.from(window.__trainwire.series.reused.x.value)")
+    assert values == [2.0] * 5
+    assert errors == []
     page.close()

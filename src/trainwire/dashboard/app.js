@@ -242,9 +242,8 @@ function connect() {
     openedAt = performance.now();
     everConnected = true;
     setConn("live");
-    // Loaded runs resume where they left off; runs whose history failed load now.
-    for (const id of Object.keys(state.series)) subscribe(id);
-    for (const id of view.runs) ensureLoaded(id);
+    // Loaded runs resume, and runs whose history failed load, once the server's
+    // list of runs has come (onRuns): it is its first message on every connection.
   });
   sock.addEventListener("message", (event) => {
     if (socket !== sock) return;
@@ -387,13 +386,38 @@ function handleMessage(msg) {
 function onRuns(list) {
   if (!Array.isArray(list)) throw new TypeError("runs message without a runs array");
   runsReceived = true;
+  const before = new Map(runs);
   runs.clear();
   for (const info of list) runs.set(info.id, info);
+  // Loaded runs resume where they left off. One deleted while this page was away
+  // is forgotten; one deleted and made again under the same id (its commits
+  // numbered afresh, so resuming by number would skip its first points) is
+  // forgotten and loaded anew by selectionChanged.
+  for (const id of Object.keys(state.series)) {
+    const info = runs.get(id);
+    if (info === undefined) {
+      forget(id);
+      view.runs = view.runs.filter((other) => other !== id);
+      if (view.focus === id) view.focus = null;
+    } else if (before.get(id)?.created !== info.created) {
+      forget(id);
+    } else {
+      subscribe(id);
+    }
+  }
   if (view.runs.length === 0) {
     const pick = pickRun(runs.values());
     if (pick !== null) view.runs = [pick];
   }
   selectionChanged();
+}
+
+/** Drop what this page holds of a run's points; it loads them again if shown. */
+function forget(id) {
+  delete state.series[id];
+  delete state.lastSeq[id];
+  zooms.delete(id);
+  recentFrames.delete(id);
 }
 
 function onRun(info) {
@@ -402,10 +426,7 @@ function onRun(info) {
   }
   if (info.status === "deleted") {
     runs.delete(info.id);
-    delete state.series[info.id];
-    delete state.lastSeq[info.id];
-    zooms.delete(info.id);
-    recentFrames.delete(info.id);
+    forget(info.id);
     view.runs = view.runs.filter((id) => id !== info.id);
     if (view.focus === info.id) view.focus = null;
     selectionChanged();
