@@ -435,7 +435,9 @@ def test_a_resumed_run_past_the_key_limit_delivers_every_other_value(
     assert stored_steps(live_server, first.id, "k1") == [0, 2]
     assert "new" not in live_server.store.keys(first.id)
     assert (again._sender.session.refused_values, again._sender.dropped_values) == (1, 1)
-    assert any("most metric keys" in r.getMessage() for r in caplog.records)
+    said = [r.getMessage() for r in caplog.records]
+    assert any("most metric keys the server allows; values of 'new'" in m for m in said)
+    assert any(f"1 values of run {first.id} were not stored" in m for m in said)
 
 
 @pytest.mark.parametrize("timeout", [math.inf, None], ids=["inf", "None"])

@@ -60,7 +60,9 @@ class Limits:
         max_frame_bytes: the largest WebSocket frame from a trainer.
         max_rows_per_batch: rows (steps) in one batch.
         max_key_length: characters in a metric key.
-        max_series_per_run: distinct metric keys in one run.
+        max_series_per_run: distinct metric keys in one run, over all its writers.
+            No connection is closed for it: the values of a key past it are left
+            out of their batch and the key named in the batch's ack.
         max_new_runs_per_minute: runs one token (or, without auth, one address)
             may create per minute.
         max_connections_per_address: open WebSockets from one client address.

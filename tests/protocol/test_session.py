@@ -192,6 +192,28 @@ def test_server_names_the_keys_left_out_of_a_batch_in_its_ack() -> None:
     assert server.frames_to_send() == [enc({"type": "ack", "seq": 2})]
 
 
+def test_server_refuses_a_batch_of_more_keys_than_any_client_sends() -> None:
+    """Keys past the run's limit no longer close the connection, so nothing but this
+    bounds the keys of a batch: a 16 MiB frame of a million distinct keys held the
+    store's lock, which every trainer and dashboard waits for, for seconds (and was
+    answered with an ack naming them all). A Python client sends at most BATCH_VALUES
+    values in a batch, or one row of its own at most 10,000 keys."""
+    server = ServerSession(max_known_keys=10)
+    server.receive_frame(enc(Hello(v=PROTOCOL_VERSION, run=SPEC)))
+    server.run_opened(Hello(v=PROTOCOL_VERSION, run=SPEC), last_seq=0)
+    fits = {f"k{i}": 1.0 for i in range(BATCH_VALUES)}
+    assert server.receive_frame(enc(Batch(seq=1, rows=[(0, 1.0, fits)]))) is not None
+    server.committed(1)
+    # Over several rows, the same keys count once.
+    rows = [(s, 1.0, {f"n{i}": 1.0 for i in range(BATCH_VALUES // 2)}) for s in range(4)]
+    assert server.receive_frame(enc(Batch(seq=2, rows=rows))) is not None
+    server.committed(2)
+    too_many = {f"x{i}": 1.0 for i in range(10 + BATCH_VALUES + 1)}
+    with pytest.raises(ProtocolError, match="metric keys") as err:
+        server.receive_frame(enc(Batch(seq=3, rows=[(1, 1.0, too_many)])))
+    assert err.value.code == 1008
+
+
 def test_client_counts_the_values_the_server_left_out_and_remembers_their_keys() -> None:
     client = open_client(rows_per_batch=2)
     client.add_rows(

@@ -501,3 +501,23 @@ def test_revive_undoes_mark_crashed_only_not_a_writers_own_crashed_finish(
     # "a" ended as crashed: the run is crashed, not running on a writer long gone.
     assert info is not None and info.status == "crashed"
     assert store.running_runs() == []
+
+
+def test_a_batch_of_many_new_keys_counts_the_runs_keys_once(tmp_path: Path) -> None:
+    """The key limit is checked under the store's lock, which every writer and
+    dashboard waits for: counting the run's keys again for each new key of a batch
+    made a batch of many keys past the limit cost seconds (16,384 keys on a run at
+    10,000: 11 s), and one that fills a run quadratic in its keys."""
+    store = SQLiteStore(tmp_path / "t.db")
+    store.open_run(SPEC, "a", now=1.0)
+    counts: list[str] = []
+    store._db.set_trace_callback(
+        lambda sql: counts.append(sql) if "COUNT(*) FROM series" in sql else None
+    )
+    fill = Batch(seq=1, rows=[(0, 1.0, {f"k{i}": 1.0 for i in range(50)})])
+    assert store.append_batch("r1", "a", fill, now=1.0, max_keys=60) == Commit(0, 1)
+    past = Batch(seq=2, rows=[(1, 1.0, {f"x{i}": 1.0 for i in range(40)})])
+    commit = store.append_batch("r1", "a", past, now=1.0, max_keys=60)
+    assert commit is not None and commit.refused == tuple(f"x{i}" for i in range(10, 40))
+    assert len(store.keys("r1")) == 60
+    assert len(counts) <= 2, f"{len(counts)} counts for 2 batches"

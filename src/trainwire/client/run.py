@@ -275,6 +275,13 @@ class Run:
             logger.warning(
                 "trainwire: %d rows of run %s were dropped (bounds reached)", dropped, self.id
             )
+        refused = sender.session.refused_values
+        if refused:
+            logger.warning(
+                "trainwire: %d values of run %s were not stored: it has the most metric "
+                "keys the server allows",
+                refused, self.id,
+            )  # fmt: skip
 
     @property
     def delivered(self) -> bool:

@@ -366,10 +366,23 @@ class ServerSession:
                 f"batch of {len(batch.rows)} rows exceeds {self.max_rows_per_batch}", code=1008
             )
         known = self._known_keys
+        # Keys met in this batch once ``known`` is full. The store looks each up under
+        # its lock, which every trainer and dashboard waits for: bounded by what a
+        # Python client may send in one batch (BATCH_VALUES values, or one row of
+        # its own keys), never by the run's key limit, which must not close a writer.
+        unknown: set[str] = set()
+        most = max(self.max_known_keys, BATCH_VALUES)
         for _, _, values in batch.rows:
             for key in values:
-                if key not in known:  # each key's name is checked once per connection
-                    self._check_new_key(key)
+                if key in known or key in unknown:
+                    continue
+                self._check_new_key(key)  # remembered, while there is room in known
+                if key not in known:
+                    unknown.add(key)
+                    if len(unknown) > most:
+                        raise ProtocolError(
+                            f"batch has more than {most} new metric keys", code=1008
+                        )
 
     def _check_new_key(self, key: str) -> None:
         problem = key_name_problem(key, self.max_key_length)

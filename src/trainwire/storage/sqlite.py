@@ -233,12 +233,22 @@ class SQLiteStore:
             # One chunk per key: a single row however many points the batch holds.
             encoded: list[tuple[int, Chunk]] = []
             refused: list[str] = []
+            # The run's keys, counted once per batch (at its first new key), not once
+            # per new key: under the lock, that made a batch of many keys past the
+            # limit cost seconds, and a run's first batch quadratic in its keys.
+            count: int | None = None
             for key, columns in _columns(batch.rows).items():
-                series_id = self._series_id(run_id, prefix + key, max_keys)
+                series_id = self._series_id(run_id, prefix + key)
                 if series_id is None:
-                    refused.append(key)
-                else:
-                    encoded.append((series_id, chunks.encode(commit, *columns)))
+                    if max_keys is not None:
+                        if count is None:
+                            count = self._key_count(run_id)
+                        if count >= max_keys:
+                            refused.append(key)
+                            continue
+                        count += 1
+                    series_id = self._new_series(run_id, prefix + key)
+                encoded.append((series_id, chunks.encode(commit, *columns)))
             self._db.executemany(_INSERT_CHUNK, [(sid, *chunk) for sid, chunk in encoded])
             for series_id, chunk in encoded:
                 self._compact(series_id, chunk.n)
@@ -335,9 +345,8 @@ class SQLiteStore:
         )
         return int(prev), int(prev) + 1
 
-    def _series_id(self, run_id: str, key: str, max_keys: int | None) -> int | None:
-        """The series of ``key``, made if new; None if new and the run already has
-        ``max_keys``."""
+    def _series_id(self, run_id: str, key: str) -> int | None:
+        """The series of ``key``; None if the run has none yet."""
         cached = self._series_ids.get((run_id, key))
         if cached is not None:
             return cached
@@ -345,18 +354,24 @@ class SQLiteStore:
             "SELECT id FROM series WHERE run_id = ? AND key = ?", (run_id, key)
         ).fetchone()
         if row is None:
-            if max_keys is not None:
-                (count,) = self._db.execute(
-                    "SELECT COUNT(*) FROM series WHERE run_id = ?", (run_id,)
-                ).fetchone()
-                if count >= max_keys:
-                    return None
-            row = self._db.execute(
-                "INSERT INTO series (run_id, key) VALUES (?, ?) RETURNING id", (run_id, key)
-            ).fetchone()
+            return None
         series_id: int = row[0]
         self._series_ids[(run_id, key)] = series_id
         return series_id
+
+    def _new_series(self, run_id: str, key: str) -> int:
+        """Make the series of a new ``key``."""
+        (series_id,) = self._db.execute(
+            "INSERT INTO series (run_id, key) VALUES (?, ?) RETURNING id", (run_id, key)
+        ).fetchone()
+        self._series_ids[(run_id, key)] = series_id
+        return int(series_id)
+
+    def _key_count(self, run_id: str) -> int:
+        (count,) = self._db.execute(
+            "SELECT COUNT(*) FROM series WHERE run_id = ?", (run_id,)
+        ).fetchone()
+        return int(count)
 
     def _compact(self, series_id: int, added: int) -> None:
         """A chunk of ``added`` points was just appended to the series: merge its
