@@ -29,7 +29,7 @@ demo: $(VENV)/.demo
 	$(VENV)/bin/trainwire demo
 
 test: $(VENV)/.dev
-	node --test tests/dashboard/
+	node --test tests/dashboard/*.test.mjs
 	$(PY) -m pytest
 
 style: $(VENV)/.dev

@@ -30,6 +30,7 @@ __all__ = [
     "check_port",
     "check_seconds",
     "default_data_dir",
+    "env_port",
     "is_loopback",
 ]
 
@@ -133,12 +134,7 @@ class Settings:
             ConfigError: a variable does not parse.
         """
         env = os.environ if env is None else env
-        port = env.get("TRAINWIRE_PORT", str(DEFAULT_PORT))
-        try:
-            port_number = int(port)
-        except ValueError:
-            raise ConfigError(f"TRAINWIRE_PORT must be a port number, not {port!r}") from None
-        check_port(port_number, "TRAINWIRE_PORT")
+        port_number = env_port(env)
         timeout = env.get("TRAINWIRE_HEARTBEAT_TIMEOUT", "60")
         try:
             heartbeat_timeout = float(timeout)
@@ -154,6 +150,20 @@ class Settings:
             heartbeat_timeout=heartbeat_timeout,
             token=env.get("TRAINWIRE_TOKEN") or None,
         )
+
+
+def env_port(env: Mapping[str, str]) -> int:
+    """The port ``TRAINWIRE_PORT`` names, DEFAULT_PORT without it.
+
+    Raises:
+        ConfigError: it is not a port number.
+    """
+    port = env.get("TRAINWIRE_PORT", str(DEFAULT_PORT))
+    try:
+        number = int(port)
+    except ValueError:
+        raise ConfigError(f"TRAINWIRE_PORT must be a port number, not {port!r}") from None
+    return check_port(number, "TRAINWIRE_PORT")
 
 
 def check_port(port: int, name: str) -> int:

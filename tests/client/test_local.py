@@ -50,6 +50,20 @@ def test_init_without_a_url_starts_the_local_server_that_outlives_the_run(
     assert second.server_url == run.server_url
 
 
+@pytest.mark.parametrize("port", ["http", "70000"])
+def test_init_with_a_bad_trainwire_port_says_so_as_a_config_error(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch, port: str
+) -> None:
+    """The README: bad configuration raises a TrainwireError, not a bare ValueError
+    from deep inside (nor a server started on a port that is none)."""
+    monkeypatch.delenv("TRAINWIRE_URL", raising=False)
+    monkeypatch.setenv("TRAINWIRE_DATA", str(data_dir))
+    monkeypatch.setenv("TRAINWIRE_PORT", port)
+    with pytest.raises(trainwire.ConfigError, match="TRAINWIRE_PORT must be a port number"):
+        trainwire.init(project="local")
+    assert read_discovery(data_dir) is None
+
+
 def test_trainwire_stop_stops_the_server_of_a_data_directory(
     data_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -208,10 +208,16 @@ def test_server_refuses_a_batch_of_more_keys_than_any_client_sends() -> None:
     rows = [(s, 1.0, {f"n{i}": 1.0 for i in range(BATCH_VALUES // 2)}) for s in range(4)]
     assert server.receive_frame(enc(Batch(seq=2, rows=rows))) is not None
     server.committed(2)
-    too_many = {f"x{i}": 1.0 for i in range(10 + BATCH_VALUES + 1)}
+    too_many = {f"x{i}": 1.0 for i in range(BATCH_VALUES + 1)}
     with pytest.raises(ProtocolError, match="metric keys") as err:
         server.receive_frame(enc(Batch(seq=3, rows=[(1, 1.0, too_many)])))
     assert err.value.code == 1008
+    # The same on a fresh connection, with room to remember the run's 10,000 keys.
+    fresh = ServerSession()
+    fresh.receive_frame(enc(Hello(v=PROTOCOL_VERSION, run=SPEC)))
+    fresh.run_opened(Hello(v=PROTOCOL_VERSION, run=SPEC), last_seq=0)
+    with pytest.raises(ProtocolError, match=f"more than {BATCH_VALUES} new metric keys"):
+        fresh.receive_frame(enc(Batch(seq=1, rows=[(1, 1.0, too_many)])))
 
 
 def test_client_counts_the_values_the_server_left_out_and_remembers_their_keys() -> None:

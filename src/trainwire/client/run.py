@@ -36,7 +36,7 @@ from trainwire.exceptions import ConfigError
 from trainwire.protocol.limits import MAX_CONFIG_DEPTH, nests_deeper_than
 from trainwire.protocol.messages import FinishStatus, RunSpec
 from trainwire.protocol.session import ClientSession
-from trainwire.settings import DEFAULT_PORT, default_data_dir, is_loopback
+from trainwire.settings import default_data_dir, env_port, is_loopback
 
 __all__ = ["Run", "RunState", "finish", "init", "log"]
 
@@ -420,8 +420,8 @@ def init(
             The run's environment (host, OS, Python, command line, pid, torch and
             CUDA versions, GPU names) is recorded with the run either way.
         flush_interval: the longest a logged point waits before it is sent while the
-            loop logs up to 250 rows a second; a faster loop stretches the wait in
-            proportion, up to 0.1 s (fewer wake-ups of the sender, which compete
+            loop logs up to 125 rows a second; a faster loop stretches the wait in
+            proportion, up to 0.25 s (fewer wake-ups of the sender, which compete
             with the loop for the GIL; a larger value here is never shortened).
         max_memory_rows: rows held in memory while the server is unreachable,
             before spilling to the run's file.
@@ -496,8 +496,7 @@ def resolve_server(url: str | None, token: str | None, data_dir: Path) -> tuple[
     server = url or os.environ.get("TRAINWIRE_URL")
     if server:
         return server, token
-    port = int(os.environ.get("TRAINWIRE_PORT", DEFAULT_PORT))
-    server = ensure_local_server(data_dir, port=port)
+    server = ensure_local_server(data_dir, port=env_port(os.environ))
     return server, token or local_token(data_dir)
 
 

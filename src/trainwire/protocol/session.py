@@ -366,23 +366,23 @@ class ServerSession:
                 f"batch of {len(batch.rows)} rows exceeds {self.max_rows_per_batch}", code=1008
             )
         known = self._known_keys
-        # Keys met in this batch once ``known`` is full. The store looks each up under
-        # its lock, which every trainer and dashboard waits for: bounded by what a
-        # Python client may send in one batch (BATCH_VALUES values, or one row of
-        # its own keys), never by the run's key limit, which must not close a writer.
-        unknown: set[str] = set()
+        # Keys new to this connection, which the store looks up under its lock (every
+        # trainer and dashboard waits for it): bounded by what a Python client may
+        # send in one batch (BATCH_VALUES values, or one row of at most the run's key
+        # limit), never by the run's key limit itself, which must not close a writer.
         most = max(self.max_known_keys, BATCH_VALUES)
+        new = 0
+        unremembered: set[str] = set()  # new keys once ``known`` is full
         for _, _, values in batch.rows:
             for key in values:
-                if key in known or key in unknown:
+                if key in known or key in unremembered:
                     continue
-                self._check_new_key(key)  # remembered, while there is room in known
+                new += 1
+                if new > most:
+                    raise ProtocolError(f"batch has more than {most} new metric keys", code=1008)
+                self._check_new_key(key)
                 if key not in known:
-                    unknown.add(key)
-                    if len(unknown) > most:
-                        raise ProtocolError(
-                            f"batch has more than {most} new metric keys", code=1008
-                        )
+                    unremembered.add(key)
 
     def _check_new_key(self, key: str) -> None:
         problem = key_name_problem(key, self.max_key_length)
