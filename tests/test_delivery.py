@@ -58,6 +58,22 @@ def test_offline_runs_are_written_to_a_file_and_synced_once_however_often(
     assert live_server.store.get_run(run.id).status == "finished"  # type: ignore[union-attr]
 
 
+def test_sync_says_how_many_values_a_run_at_its_key_limit_did_not_store(
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from trainwire.protocol.limits import MAX_KEYS_PER_RUN
+
+    with trainwire.init(id="full", url=live_server.url) as online:
+        online.log({f"k{i}": 1.0 for i in range(MAX_KEYS_PER_RUN)}, step=0)
+    monkeypatch.setenv("TRAINWIRE_MODE", "offline")
+    with trainwire.init(id="full") as offline:
+        offline.log({"new": 1.0, "k0": 2.0}, step=1)
+    assert main(["sync", str(offline.path), "--url", live_server.url]) == 0
+    said = capsys.readouterr().out
+    assert "run full, 1 rows: stored (1 values not stored: the run has its most keys)" in said
+    assert stored_steps(live_server, "full", "k0") == [0, 1]
+
+
 def test_log_is_safe_from_several_threads(live_server: LiveServer) -> None:
     run = trainwire.init(url=live_server.url)
     start = threading.Barrier(4)

@@ -178,9 +178,12 @@ def _sync(path: Path, url: str | None, timeout: float, env: Settings) -> int:
     server, token = resolve_server(url, None, env.data_dir)
     failed = 0
     for file in files:
-        run_id, rows, complete = upload(file, server, timeout, token)
-        print(f"{file}: run {run_id}, {rows} rows: {'stored' if complete else 'NOT confirmed'}")
-        failed += not complete
+        done = upload(file, server, timeout, token)
+        said = "stored" if done.complete else "NOT confirmed"
+        if done.refused_values:
+            said += f" ({done.refused_values} values not stored: the run has its most keys)"
+        print(f"{file}: run {done.run_id}, {done.rows} rows: {said}")
+        failed += not done.complete
     return 1 if failed else 0
 
 

@@ -7,13 +7,14 @@ from __future__ import annotations
 import logging
 from collections import deque
 from pathlib import Path
+from typing import NamedTuple
 
 from trainwire.client.run import _ingest_url
 from trainwire.client.sender import Sender
 from trainwire.client.spool import SpillingOutbox
 from trainwire.protocol.session import ClientSession
 
-__all__ = ["run_files", "upload"]
+__all__ = ["Uploaded", "run_files", "upload"]
 
 logger = logging.getLogger("trainwire.client")
 
@@ -23,14 +24,19 @@ def run_files(path: Path) -> list[Path]:
     return sorted(path.rglob("*.twrun")) if path.is_dir() else [path]
 
 
+class Uploaded(NamedTuple):
+    """What :func:`upload` did with one run file."""
+
+    run_id: str
+    rows: int  # rows in the file
+    complete: bool  # the server confirmed everything within the timeout
+    refused_values: int  # values not stored: the run has the most keys it allows
+
+
 def upload(
     path: Path, server_url: str, timeout: float = 60.0, token: str | None = None
-) -> tuple[str, int, bool]:
+) -> Uploaded:
     """Send one run file to a server and wait for every item to be acknowledged.
-
-    Returns:
-        the run id, the number of rows in the file, and whether the server confirmed
-        everything within ``timeout`` seconds.
 
     Raises:
         ConfigError: the file is not a run file, or the URL is not http(s).
@@ -49,4 +55,4 @@ def upload(
     sender.start()
     sender.close(None, timeout)
     sender.join(timeout + 1.0)
-    return header.run.id, rows, sender.complete
+    return Uploaded(header.run.id, rows, sender.complete, session.refused_values)
