@@ -135,6 +135,24 @@ def test_a_row_log_vouched_for_goes_out_as_it_is_and_others_are_checked() -> Non
     assert all(type(v) is float for _, _, row in second.rows for v in row.values())
 
 
+def test_a_key_that_cannot_be_made_a_string_costs_its_own_value_only() -> None:
+    """Its ``__str__`` raised in the middle of the drain: every row logged in that
+    flush interval was lost, uncounted, and the run still said it was delivered."""
+
+    class Unprintable:
+        def __str__(self) -> str:
+            raise RuntimeError("no name")
+
+    s = sender(0.02)
+    s.queue.append((0, 1.0, {"x": 1.0}))
+    s.queue.append((1, 2.0, {Unprintable(): 1.0, "x": 2.0}, False))
+    s.queue.append((2, 3.0, {"x": 3.0}))
+    s._drain()
+    [batch] = s.session.outbox.items(1, 10)
+    assert batch.rows == [(0, 1.0, {"x": 1.0}), (1, 2.0, {"x": 2.0}), (2, 3.0, {"x": 3.0})]
+    assert s.dropped_values == 1
+
+
 def test_log_marks_what_it_cannot_vouch_for_and_every_value_arrives(
     live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -472,17 +472,20 @@ class Sender(threading.Thread):
                 continue
             values: dict[str, float] = {}
             for key, raw in metrics.items():
-                value = to_float(raw)
+                name = _key_name(key)
+                value = None if name is None else to_float(raw)
                 if value is None:
                     self.dropped_values += 1
                     self._warn_once(
-                        f"value:{key}",
-                        "trainwire dropped the value of %r: %r is not a number",
-                        key,
-                        type(raw).__name__,
+                        f"value:{name}",
+                        "trainwire dropped the value of %s: %s",
+                        "a key" if name is None else repr(name),
+                        f"{type(raw).__name__} is not a number"
+                        if name is not None
+                        else f"its {type(key).__name__} key cannot be made a string",
                     )
                     continue
-                values[str(key)] = value
+                values[name] = value  # type: ignore[index]  # name is a str here
             if values:
                 rows.append((step, at, values))
         self._add(rows)
@@ -577,6 +580,18 @@ class Sender(threading.Thread):
         if topic not in self._warned:
             self._warned.add(topic)
             logger.warning(message, *args)
+
+
+def _key_name(key: object) -> str | None:
+    """A logged key as a metric key (7 -> "7"); None if it cannot be made one: its
+    ``__str__`` raised. One user object must cost its own value, not the drain it
+    came in (every row logged in the same flush interval), which it did."""
+    if type(key) is str:
+        return key
+    try:
+        return str(key)
+    except Exception:  # noqa: BLE001 - whatever a user's object raises
+        return None
 
 
 def _is_plain(metrics: dict[Any, Any]) -> bool:
