@@ -199,6 +199,43 @@ def test_a_trainer_killed_9_leaves_its_run_crashed_with_every_acked_point(
         server.stop()
 
 
+LEFT_OPEN = {
+    # Most scripts never call finish(): the run is finished at exit all the same.
+    "returns": ("trainwire.init(id='left-open').log({'x': 0.0})", 0, "finished"),
+    # The run's only reference is gone long before the script ends.
+    "dropped": (
+        "def train():\n    trainwire.init(id='left-open').log({'x': 0.0})\n"
+        "train()\nimport gc; gc.collect()",
+        0,
+        "finished",
+    ),
+    "raises": ("trainwire.init(id='left-open').log({'x': 0.0})\n1 / 0", 1, "crashed"),
+}
+
+
+@pytest.mark.parametrize("script", LEFT_OPEN, ids=list(LEFT_OPEN))
+def test_a_run_left_open_is_finished_when_the_script_exits_with_every_point(
+    live_server: LiveServer, script: str
+) -> None:
+    """The sender is a daemon thread: without a finish at exit, what it had not yet
+    sent (the last flush interval, here everything) died with the script, and the run
+    stayed "running" until the server's reaper called it crashed."""
+    body, code, status = LEFT_OPEN[script]
+    trainer = subprocess.run(
+        [sys.executable, "-c", f"import trainwire\n{body}"],
+        env={**os.environ, "TRAINWIRE_URL": live_server.url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert trainer.returncode == code, trainer.stderr
+    info = live_server.store.get_run("left-open")
+    assert info is not None and info.status == status
+    assert stored_steps(live_server, "left-open", "x") == [0]
+    if code:
+        assert "ZeroDivisionError" in trainer.stderr  # the script's own hook still ran
+
+
 def test_sigterm_stops_the_server_in_seconds_and_its_successor_loses_nothing(
     tmp_path: Path,
 ) -> None:

@@ -7,15 +7,16 @@ sender thread. Nothing here raises into the training loop after ``init``.
 
 from __future__ import annotations
 
+import atexit
 import enum
 import logging
 import math
 import os
 import platform
 import secrets
+import sys
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
@@ -136,6 +137,7 @@ class Run:
         if enabled:
             self._sender.start()
             _live_runs.add(self)
+            _finish_at_exit.install()
             if system_metrics:
                 self._system = SystemSampler(self._log_system)
                 self._system.start()
@@ -307,7 +309,48 @@ class Run:
         return f"<Run {self.id} {self.project}/{self.name} {self.state.value}>"
 
 
-_live_runs: weakref.WeakSet[Run] = weakref.WeakSet()
+_live_runs: set[Run] = set()  # running, until finish(): strong, see _FinishAtExit
+
+
+class _FinishAtExit:
+    """Finishes, when the interpreter exits, every run the script left open: most
+    scripts never call finish(). The sender is a daemon thread (a server away must
+    not hold the script's exit), so without this the rows of its last flush
+    interval, the run's end, and while the server was away every row held, died
+    with it, the run left "running" until the server's reaper called it crashed.
+
+    The run ends "crashed" if the script ended by an uncaught exception (seen by a
+    ``sys.excepthook`` that hands it on to the one it replaced), else "finished";
+    ``sys.exit(N)`` raises no exception it can see, whatever N. Installed by the
+    first run, not at import: importing trainwire changes nothing of the process.
+    """
+
+    def __init__(self) -> None:
+        self.installed = False
+        self.uncaught = False
+
+    def install(self) -> None:
+        if self.installed:
+            return
+        self.installed = True
+        previous = sys.excepthook
+
+        def excepthook(
+            kind: type[BaseException], exc: BaseException, tb: TracebackType | None
+        ) -> None:
+            self.uncaught = True
+            previous(kind, exc, tb)
+
+        sys.excepthook = excepthook
+        atexit.register(self.finish_open_runs)
+
+    def finish_open_runs(self) -> None:
+        status: FinishStatus = "crashed" if self.uncaught else "finished"
+        for run in list(_live_runs):
+            run.finish(status=status)
+
+
+_finish_at_exit: Final = _FinishAtExit()
 
 
 def _after_fork_in_child() -> None:
