@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -24,7 +25,7 @@ from trainwire.protocol.messages import (
 from trainwire.server.app import create_app
 from trainwire.server.ingest import RunUpdates
 from trainwire.server.watch import RunWatch
-from trainwire.storage import SQLiteStore
+from trainwire.storage import Commit, SQLiteStore
 
 
 def test_trainer_is_welcomed_and_each_batch_acked_after_it_is_stored(client: TestClient) -> None:
@@ -160,13 +161,52 @@ def test_a_trainer_whose_run_cannot_be_opened_is_not_counted_connected(tmp_path:
     app = create_app(app_settings(tmp_path), store=store)
     headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     with TestClient(app, headers=headers) as client:
-        # The test client hands the endpoint's exception on; a server logs it and closes.
-        with pytest.raises(StorageError), client.websocket_connect("/ws/ingest") as ws:
+        with client.websocket_connect("/ws/ingest") as ws:
             send(ws, Hello(v=PROTOCOL_VERSION, run=SPEC))
-            receive(ws)
+            with pytest.raises(WebSocketDisconnect) as closed:
+                receive(ws)
+        assert (closed.value.code, closed.value.reason) == (
+            1011,
+            "server storage error: disk I/O error",
+        )
         # Counted connected, it would hold the run back from the reaper for good.
         watch: RunWatch = app.state.watch
         assert watch.overdue([SPEC.id], now=math.inf) == [SPEC.id]
+
+
+class StoreFullOnce(SQLiteStore):
+    """Its first commit of a batch fails as on a full disk; later ones succeed."""
+
+    full = True
+
+    def append_batch(self, *args: Any, **kwargs: Any) -> Commit | None:
+        if self.full:
+            self.full = False
+            raise StorageError("database or disk is full")
+        return super().append_batch(*args, **kwargs)
+
+
+def test_a_batch_the_store_cannot_commit_closes_1011_and_is_stored_once_resent(
+    tmp_path: Path,
+) -> None:
+    """A storage error is nothing the trainer did: a clear close, not a traceback in
+    the server's log and a dropped socket, and the batch, unacknowledged, is sent
+    again by the client after its backoff."""
+    app = create_app(app_settings(tmp_path), store=StoreFullOnce(tmp_path / "t.db"))
+    with TestClient(app, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as client:
+        batch = Batch(seq=1, rows=[(0, 1.0, {"x": 1.0})])
+        with open_trainer(client) as trainer:
+            send(trainer, batch)
+            with pytest.raises(WebSocketDisconnect) as closed:
+                receive(trainer)
+        assert (closed.value.code, closed.value.reason) == (
+            1011,
+            "server storage error: database or disk is full",
+        )
+        with open_trainer(client) as trainer:
+            send(trainer, batch)
+            assert receive(trainer) == Ack(seq=1)
+        assert client.get(f"/api/runs/{SPEC.id}/metrics").json()["series"]["x"]["step"] == [0]
 
 
 class StoreWhoseRunOpensSlowly(SQLiteStore):

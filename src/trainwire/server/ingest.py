@@ -10,7 +10,7 @@ from typing import Final
 from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from trainwire.exceptions import ProtocolError
+from trainwire.exceptions import ProtocolError, StorageError
 from trainwire.protocol.columns import series_from_rows, spelled
 from trainwire.protocol.messages import Batch, Finish, Hello, Points, Row, encode_json
 from trainwire.protocol.session import ServerSession
@@ -149,6 +149,13 @@ async def _serve(
     except ProtocolError as exc:
         logger.warning("closing trainer connection: %s", exc.reason)
         await ws.close(code=exc.code, reason=exc.reason)
+    except StorageError as exc:
+        # A full disk, a file locked past the busy timeout: nothing the trainer did.
+        # What was not acknowledged it sends again after its backoff, so close with
+        # a reason (1011), rather than a traceback in the log and a bare drop.
+        refusal = ProtocolError(f"server storage error: {exc}", code=1011)
+        logger.error("closing trainer connection: %s (it will send again)", refusal.reason)
+        await ws.close(code=refusal.code, reason=refusal.reason)
     except WebSocketDisconnect:
         return
 
