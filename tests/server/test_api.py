@@ -14,8 +14,10 @@ from tests.conftest import MS, TOKEN, LiveServer
 from tests.server.conftest import ADMIN_TOKEN, SPEC, app_settings, open_trainer, receive, send
 from tests.server.test_dashboard import greeting, log_batch, open_dashboard, steps
 from trainwire import __version__
-from trainwire.protocol.messages import Batch, RunSpec
+from trainwire.exceptions import StorageError
+from trainwire.protocol.messages import Batch, RunInfo, RunSpec
 from trainwire.server.app import create_app
+from trainwire.storage import SQLiteStore
 
 
 def test_health_names_the_app_so_clients_can_tell_it_from_other_servers(client: TestClient) -> None:
@@ -24,6 +26,21 @@ def test_health_names_the_app_so_clients_can_tell_it_from_other_servers(client: 
         "version": __version__,
         "protocol": 1,
     }
+
+
+class StoreThatCannotRead(SQLiteStore):
+    def list_runs(self) -> list[RunInfo]:
+        raise StorageError("database is locked")
+
+
+def test_a_read_the_store_fails_is_503_with_the_reason(tmp_path: Path) -> None:
+    """Not a 500 and a traceback: 503 says "try again", which the dashboard does."""
+    app = create_app(app_settings(tmp_path), store=StoreThatCannotRead(tmp_path / "t.db"))
+    with TestClient(app, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as client:
+        answer = client.get("/api/runs")
+        assert answer.status_code == 503
+        assert answer.json() == {"detail": "storage error: database is locked"}
+        assert client.get("/api/health").status_code == 200
 
 
 def test_runs_run_and_metrics_routes(client: TestClient) -> None:

@@ -5,14 +5,18 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 from fastapi.testclient import TestClient
 from starlette.testclient import WebSocketTestSession
+from starlette.websockets import WebSocketDisconnect
 
 from tests.server.conftest import ADMIN_TOKEN, SPEC, app_settings, open_trainer, receive, send
+from trainwire.exceptions import StorageError
 from trainwire.protocol.messages import Ack, Batch, Finish, RunSpec
 from trainwire.server.app import create_app
 from trainwire.server.ingest import BIG_BATCH_VALUES, BIG_FRAME_BYTES
 from trainwire.settings import Limits
+from trainwire.storage import SQLiteStore
 
 
 def log_batch(trainer: WebSocketTestSession, seq: int, *steps: int) -> None:
@@ -75,6 +79,42 @@ def test_a_live_delta_holds_only_the_values_stored(tmp_path: Path) -> None:
                     ["train/loss"],
                     [1],
                 )
+
+
+class StoreUnreadableOnce(SQLiteStore):
+    """Its first catch-up read fails, as on a disk error; later ones succeed."""
+
+    failed = False
+
+    def columns_after(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.failed:
+            self.failed = True
+            raise StorageError("disk I/O error")
+        return super().columns_after(*args, **kwargs)
+
+
+def test_a_dashboard_whose_catch_up_fails_is_closed_with_the_reason_not_left_silent(
+    tmp_path: Path,
+) -> None:
+    """Its sender task died and the socket stayed open: the page showed itself live
+    while nothing more came, for good. Closed, the page reconnects and resumes."""
+    app = create_app(app_settings(tmp_path), store=StoreUnreadableOnce(tmp_path / "t.db"))
+    with TestClient(app, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as client:
+        with open_trainer(client) as trainer:
+            log_batch(trainer, 1, 0, 1)
+            with open_dashboard(client) as dash:
+                greeting(dash)
+                dash.send_json({"type": "subscribe", "run": "run-1", "after": 0})
+                with pytest.raises(WebSocketDisconnect) as closed:
+                    dash.receive_json()
+            assert (closed.value.code, closed.value.reason) == (
+                1011,
+                "server storage error: disk I/O error",
+            )
+            with open_dashboard(client) as dash:
+                greeting(dash)
+                dash.send_json({"type": "subscribe", "run": "run-1", "after": 0})
+                assert steps(dash.receive_json()) == [0, 1]
 
 
 def test_a_reconnecting_dashboard_resumes_without_gap_or_duplicate(client: TestClient) -> None:

@@ -8,7 +8,8 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, WebSocket
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.staticfiles import StaticFiles
 
@@ -66,6 +67,14 @@ async def _reap_once(store: Store, bus: Bus, watch: RunWatch) -> None:
             await bus.publish(RunChanged(info))
 
 
+async def _storage_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """A REST read the store failed (a disk error, the file locked past the busy
+    timeout): 503, which says "try again", with the reason, and one line in the log
+    instead of a 500 and a traceback. The dashboard retries its reads."""
+    logger.error("%s %s: storage error: %s", request.method, request.url.path, exc)
+    return JSONResponse({"detail": f"storage error: {exc}"}, status_code=503)
+
+
 def create_app(
     settings: Settings, *, store: Store | None = None, bus: Bus | None = None
 ) -> FastAPI:
@@ -113,6 +122,7 @@ def create_app(
         redoc_url=None,
     )
     app.include_router(router)
+    app.add_exception_handler(StorageError, _storage_unavailable)
     new_runs = RateLimiter(settings.limits.max_new_runs_per_minute)
     followers = Followers()
     run_updates = RunUpdates(settings.run_update_interval)

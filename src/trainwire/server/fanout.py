@@ -20,7 +20,7 @@ from typing import Final
 from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from trainwire.exceptions import ProtocolError
+from trainwire.exceptions import ProtocolError, StorageError
 from trainwire.protocol.columns import spelled
 from trainwire.protocol.messages import (
     PROTOCOL_VERSION,
@@ -228,6 +228,26 @@ class DashboardFeed:
             self._last_sent[run_id] = seq
 
 
+async def _write(ws: WebSocket, feed: DashboardFeed) -> None:
+    """The feed's sender. If it fails (the store unreadable in a catch-up), the socket
+    is closed with the reason: left open, the page would show itself live while
+    nothing came. The page reconnects and resumes after the last seq it has."""
+    try:
+        await feed.run()
+    except (WebSocketDisconnect, RuntimeError, OSError):  # the socket went, or is closing
+        return
+    except StorageError as exc:
+        refusal = ProtocolError(f"server storage error: {exc}", code=1011)
+        logger.error("closing dashboard connection: %s", refusal.reason)
+    except Exception:
+        logger.exception("closing dashboard connection after an error")
+        refusal = ProtocolError("server error", code=1011)
+    else:
+        return
+    with contextlib.suppress(RuntimeError, WebSocketDisconnect):  # closed meanwhile
+        await ws.close(code=refusal.code, reason=refusal.reason)
+
+
 async def serve_dashboard(
     ws: WebSocket,
     store: Store,
@@ -253,7 +273,7 @@ async def serve_dashboard(
         await send(encode_json(DashboardHello(v=PROTOCOL_VERSION, version=version)))
         runs = await run_in_threadpool(store.list_runs)
         await send(encode_json(Runs(runs=runs)))
-        writer = asyncio.create_task(feed.run())
+        writer = asyncio.create_task(_write(ws, feed))
         while True:
             message = await ws.receive()
             if message["type"] == "websocket.disconnect":
