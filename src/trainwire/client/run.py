@@ -24,17 +24,15 @@ from types import TracebackType
 from typing import Any, Final, Literal, get_args
 from urllib.parse import quote, urlencode, urlsplit
 
-import msgspec
-
 from trainwire import __version__
 from trainwire.client import environment
+from trainwire.client.config import plain_config
 from trainwire.client.local import ensure_local_server, local_token
 from trainwire.client.sender import OPEN_TIMEOUT, LoggedRow, Sender
 from trainwire.client.spool import SpillingOutbox, new_header
 from trainwire.client.system import SystemSampler
 from trainwire.client.tensors import read_cpu_scalars
 from trainwire.exceptions import ConfigError
-from trainwire.protocol.limits import MAX_CONFIG_DEPTH, nests_deeper_than
 from trainwire.protocol.messages import FinishStatus, RunSpec
 from trainwire.protocol.session import ClientSession
 from trainwire.settings import default_data_dir, env_port, is_loopback
@@ -384,18 +382,6 @@ def _ingest_url(server_url: str, insecure: bool | None = None) -> str:
     return f"{scheme}://{parts.netloc}{parts.path.rstrip('/')}/ws/ingest"
 
 
-def _plain_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
-    # Config values travel as msgpack and are stored as JSON: anything else
-    # (a torch.device, a Path) is kept as its str().
-    if not config:
-        return {}
-    plain: dict[str, Any] = msgspec.to_builtins(dict(config), enc_hook=str, str_keys=True)
-    if nests_deeper_than(plain, MAX_CONFIG_DEPTH):
-        # The server would refuse the run's hello, and with it every row of the run.
-        raise ConfigError(f"config nests deeper than {MAX_CONFIG_DEPTH} levels")
-    return plain
-
-
 def _new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
 
@@ -421,7 +407,7 @@ _current: Run | None = None
 def init(
     project: str = "default",
     name: str | None = None,
-    config: Mapping[str, Any] | None = None,
+    config: Mapping[str, Any] | object = None,
     *,
     id: str | None = None,  # noqa: A002 - the name users know from wandb
     resume: str | None = None,
@@ -441,7 +427,9 @@ def init(
     Args:
         project: groups runs in the dashboard.
         name: the run's display name; a generated one if omitted.
-        config: hyper-parameters, shown with the run.
+        config: hyper-parameters, shown with the run: a mapping, a dataclass, a
+            pydantic model or an ``argparse.Namespace``; numpy and torch scalars in it
+            are kept as numbers, anything else JSON cannot spell as its ``str()``.
         id: the run's id; a new one if omitted (``TRAINWIRE_RUN_ID`` also sets it).
         resume: the id of a run to continue, after a restart of the training script.
         mode: ``"online"`` streams to a server; ``"offline"`` writes only the run's
@@ -498,7 +486,7 @@ def init(
         id=run_id,
         project=project,
         name=name or f"{platform.node()}-{run_id}",
-        config=_plain_config(config),
+        config=plain_config(config),
         env=environment.collect(),
     )
     data_dir = default_data_dir()
