@@ -222,6 +222,22 @@ def test_a_name_lookup_gives_up_at_the_deadline_and_is_not_started_twice(
     assert hung_resolver == ["server.hung.invalid"]
 
 
+def test_a_name_is_still_looked_up_when_no_thread_can_be_started(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Python 3.12+ refuses new threads once the interpreter is finalizing, atexit
+    handlers included: the finish of a run left open reconnects there. The lookup
+    thread's RuntimeError failed every attempt until the timeout, each logged with a
+    traceback, and nothing was delivered."""
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    addresses = link_module._addresses("localhost", 9, time.monotonic() + 1.0)
+    assert addresses and all(address[4][1] == 9 for address in addresses)
+
+
 def test_a_big_message_on_a_slow_but_working_link_is_sent_whole() -> None:
     """sendall's timeout bounds the whole send: 16 MiB to a reader taking about 5 MB/s
     was given up as a dead link after the ping timeout, and again at every reconnect.

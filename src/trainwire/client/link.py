@@ -415,10 +415,16 @@ def _addresses(host: str, port: int, deadline: float) -> _AddrInfo:
         return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
     except socket.gaierror:
         pass
-    with _lookups_lock:
-        lookup = _lookups.get((host, port))
-        if lookup is None:
-            lookup = _lookups[(host, port)] = _Lookup(host, port)
+    try:
+        with _lookups_lock:
+            lookup = _lookups.get((host, port))
+            if lookup is None:
+                lookup = _lookups[(host, port)] = _Lookup(host, port)
+    except RuntimeError:
+        # No new thread at interpreter shutdown (Python 3.12+, CPython gh-113964):
+        # the finish of a run left open, at exit, reconnecting. Here, not a failure
+        # at every attempt until finish()'s timeout, each with a traceback.
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     lookup.done.wait(max(0.0, deadline - time.monotonic()))
     result = lookup.result
     if isinstance(result, OSError):

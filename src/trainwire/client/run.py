@@ -231,15 +231,30 @@ class Run:
                 ", ".join(get_args(FinishStatus)),
             )
             status = "crashed"
+        if self._close(status, timeout):
+            self._wait_for_sender(timeout)
+
+    def _close(self, status: FinishStatus, timeout: float) -> bool:
+        """finish()'s first half: no more rows; the sender delivers what is left and
+        the run's end within ``timeout``. False if the run was not running."""
         with self._lock:
             if self.state is not RunState.RUNNING:
-                return
+                return False
             self.state = RunState.FINISHED
         _live_runs.discard(self)
         if self._system is not None:
             self._system.stop()
         try:
             self._sender.close(status, timeout)
+        except Exception:  # finish() is called from the training script: never raise
+            logger.warning("trainwire could not finish run %s cleanly", self.id, exc_info=True)
+            return False
+        return True
+
+    def _wait_for_sender(self, timeout: float) -> None:
+        """finish()'s second half: wait for the sender, told to close ``timeout``
+        seconds ago at most, then say what was not delivered."""
+        try:
             if threading.current_thread() is not self._sender:  # finish() from a value's .item()
                 # Thread.join overflows past threading.TIMEOUT_MAX: None waits without end.
                 self._sender.join(None if math.isinf(timeout) else timeout + SENDER_GRACE)
@@ -342,10 +357,50 @@ class _FinishAtExit:
         sys.excepthook = excepthook
         atexit.register(self.finish_open_runs)
 
-    def finish_open_runs(self) -> None:
+    def finish_open_runs(self, timeout: float = DEFAULT_FINISH_TIMEOUT) -> None:
+        """Every open run at once: their senders deliver side by side, within one
+        ``timeout`` (one after the other, a sweep's runs with the server away held
+        the exit 30 s each). Said when it takes a while, and Ctrl-C stops the wait:
+        what is not delivered is then saved to the runs' files."""
         status: FinishStatus = "crashed" if self.uncaught else "finished"
-        for run in list(_live_runs):
-            run.finish(status=status)
+        closing = [run for run in list(_live_runs) if run._close(status, timeout)]
+        if not closing:
+            return
+        started = time.monotonic()
+        waiting = list(closing)
+        try:
+            late = _still_sending(closing, started + NOTICE_AFTER)
+            if late:
+                logger.warning(
+                    "trainwire: delivering the last rows of %d run(s) left open at exit; "
+                    "waiting up to %g s for %s (Ctrl-C saves them to the run files instead)",
+                    len(late),
+                    timeout,
+                    ", ".join(sorted({str(run.server_url or run.path) for run in late})),
+                )
+            while waiting:
+                waiting[0]._wait_for_sender(max(0.0, timeout - (time.monotonic() - started)))
+                waiting.pop(0)
+        except KeyboardInterrupt:
+            logger.warning("trainwire: interrupted; saving what was not delivered")
+            for run in waiting:
+                run._sender.close(status, 0.0)  # out of time now: the sender saves
+            for run in waiting:
+                # Not join(): the interrupted one took its sender for ended.
+                ended = run._sender.ended
+                if not ended.wait(SENDER_GRACE) and run._sender.saving:
+                    ended.wait(SAVE_WAIT)
+                run._report()
+
+
+NOTICE_AFTER: Final = 1.0  # an exit's finish that takes longer than this is said
+
+
+def _still_sending(runs: list[Run], deadline: float) -> list[Run]:
+    """The runs whose sender has not ended by ``deadline`` (a time.monotonic)."""
+    for run in runs:
+        run._sender.join(max(0.0, deadline - time.monotonic()))
+    return [run for run in runs if run._sender.is_alive()]
 
 
 _finish_at_exit: Final = _FinishAtExit()

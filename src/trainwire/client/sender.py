@@ -135,6 +135,9 @@ class Sender(threading.Thread):
         self._keys: set[str] = set()
         self._closing = threading.Event()
         self._wake = threading.Event()
+        # Set as run() ends. Thread.join interrupted by Ctrl-C marks a thread still
+        # running as stopped (Python <= 3.12): after one, this is what tells.
+        self.ended = threading.Event()
         # True while the sender sleeps with nothing to do: Run.log() then wakes it
         # (one Event.set per idle spell, never one per call in a busy loop).
         self.idle = False
@@ -167,6 +170,12 @@ class Sender(threading.Thread):
         return self.session.delivered and not self.queue and not self.tensors.waiting
 
     def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            self.ended.set()
+
+    def _run(self) -> None:
         try:
             if self.url is None:
                 self._write_offline()

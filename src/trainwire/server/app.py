@@ -8,13 +8,15 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, Request, WebSocket
+from fastapi import FastAPI, WebSocket
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import HTTPConnection
 from starlette.staticfiles import StaticFiles
+from starlette.websockets import WebSocketDisconnect
 
 from trainwire import __version__
-from trainwire.exceptions import StorageError
+from trainwire.exceptions import ProtocolError, StorageError
 from trainwire.server.api import router
 from trainwire.server.auth import Authenticator, AuthMiddleware, SecurityHeadersMiddleware
 from trainwire.server.bus import Bus, MemoryBus, RunChanged
@@ -67,12 +69,23 @@ async def _reap_once(store: Store, bus: Bus, watch: RunWatch) -> None:
             await bus.publish(RunChanged(info))
 
 
-async def _storage_unavailable(request: Request, exc: Exception) -> JSONResponse:
+async def _storage_unavailable(conn: HTTPConnection, exc: Exception) -> JSONResponse | None:
     """A REST read the store failed (a disk error, the file locked past the busy
     timeout): 503, which says "try again", with the reason, and one line in the log
-    instead of a 500 and a traceback. The dashboard retries its reads."""
-    logger.error("%s %s: storage error: %s", request.method, request.url.path, exc)
-    return JSONResponse({"detail": f"storage error: {exc}"}, status_code=503)
+    instead of a 500 and a traceback. The dashboard retries its reads.
+
+    Starlette hands a WebSocket endpoint's exceptions here too (a dashboard whose
+    list of runs cannot be read): that socket is closed 1011 with the reason."""
+    reason = f"storage error: {exc}"
+    if isinstance(conn, WebSocket):
+        refusal = ProtocolError(f"server {reason}", code=1011)
+        logger.error("%s: closing connection: %s", conn.url.path, refusal.reason)
+        with contextlib.suppress(RuntimeError, OSError, WebSocketDisconnect):  # closed meanwhile
+            await conn.close(code=refusal.code, reason=refusal.reason)
+        return None
+    method = conn.scope.get("method", "")
+    logger.error("%s %s: %s", method, conn.url.path, reason)
+    return JSONResponse({"detail": reason}, status_code=503)
 
 
 def create_app(
@@ -122,7 +135,7 @@ def create_app(
         redoc_url=None,
     )
     app.include_router(router)
-    app.add_exception_handler(StorageError, _storage_unavailable)
+    app.add_exception_handler(StorageError, _storage_unavailable)  # type: ignore[arg-type]  # HTTP and WebSocket both
     new_runs = RateLimiter(settings.limits.max_new_runs_per_minute)
     followers = Followers()
     run_updates = RunUpdates(settings.run_update_interval)
