@@ -236,6 +236,26 @@ def test_a_run_left_open_is_finished_when_the_script_exits_with_every_point(
         assert "ZeroDivisionError" in trainer.stderr  # the script's own hook still ran
 
 
+def test_an_error_typed_at_the_interactive_prompt_does_not_end_the_run_crashed(
+    live_server: LiveServer,
+) -> None:
+    """The interactive interpreter hands each error typed to sys.excepthook: none of
+    them ends the session, which ends when its input does."""
+    typed = "import trainwire\nrun = trainwire.init(id='left-open')\n1 / 0\nrun.log({'x': 0.0})\n"
+    session = subprocess.run(
+        [sys.executable, "-i", "-q"],
+        input=typed,
+        env={**os.environ, "TRAINWIRE_URL": live_server.url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "ZeroDivisionError" in session.stderr
+    info = live_server.store.get_run("left-open")
+    assert info is not None and info.status == "finished"
+    assert stored_steps(live_server, "left-open", "x") == [0]
+
+
 def test_sigterm_stops_the_server_in_seconds_and_its_successor_loses_nothing(
     tmp_path: Path,
 ) -> None:

@@ -351,7 +351,10 @@ class _FinishAtExit:
         def excepthook(
             kind: type[BaseException], exc: BaseException, tb: TracebackType | None
         ) -> None:
-            self.uncaught = True
+            # The interactive interpreter calls the hook for each error typed: none
+            # of them ends the session. (sys.ps1 exists only there.)
+            if not hasattr(sys, "ps1"):
+                self.uncaught = True
             previous(kind, exc, tb)
 
         sys.excepthook = excepthook

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Final
 
 from starlette.concurrency import run_in_threadpool
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from trainwire.exceptions import ProtocolError, StorageError
 from trainwire.protocol.columns import spelled
@@ -288,6 +288,10 @@ async def serve_dashboard(
                 await send(encode_json(DashboardError(str(exc))))
     except WebSocketDisconnect:
         return
+    except RuntimeError:
+        if ws.application_state is WebSocketState.DISCONNECTED:
+            return  # closed by its writer (_write) while this answered a message
+        raise
     finally:
         unsubscribe()
         feed.close()
