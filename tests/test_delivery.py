@@ -143,6 +143,7 @@ def test_resume_continues_a_run_after_the_script_restarts(live_server: LiveServe
     with trainwire.init(resume=first.id, url=live_server.url) as again:
         again.log({"x": 1.0}, step=1)
     assert again.id == first.id
+    assert (first._sender.session.resume, again._sender.session.resume) == (False, True)
     assert stored_steps(live_server, first.id, "x") == [0, 1]
     assert [r.status for r in live_server.store.list_runs()] == ["finished"]
 

@@ -121,3 +121,16 @@ def test_a_trainer_that_says_hello_as_the_reaper_writes_keeps_its_run_running(
     assert announced.status == "running"
     assert store.running_runs() == ["r1"]
     store.close()
+
+
+def test_the_streams_with_a_writer_connected_are_known() -> None:
+    watch = RunWatch(timeout=60, now=0)
+    watch.connected("r", "a")
+    watch.connected("r", "b")
+    watch.connected("r", "b")
+    watch.disconnected("r", now=1, stream="b")
+    assert watch.streams("r") == {"a", "b"}
+    watch.disconnected("r", now=1, stream="b")
+    watch.disconnected("r", now=2, stream="a")
+    assert watch.streams("r") == set()
+    assert watch.overdue(["r"], now=63) == ["r"]

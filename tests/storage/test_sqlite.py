@@ -521,3 +521,18 @@ def test_a_batch_of_many_new_keys_counts_the_runs_keys_once(tmp_path: Path) -> N
     assert commit is not None and commit.refused == tuple(f"x{i}" for i in range(10, 40))
     assert len(store.keys("r1")) == 60
     assert len(counts) <= 2, f"{len(counts)} counts for 2 batches"
+
+
+def test_streams_set_aside_count_for_nothing_and_those_kept_still_do(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    for stream in ("killed", "gone", "ended", "kept", "resumed"):
+        store.open_run(SPEC, stream, now=1.0)
+    store.set_status("r1", "ended", "crashed", seq=1, now=1.0)  # its writer's own end
+    info = store.set_aside("r1", keep={"kept", "resumed"}, now=2.0)
+    assert info is not None and info.status == "running"
+    store.set_status("r1", "resumed", "finished", seq=1, now=3.0)
+    assert store.get_run("r1").status == "running"  # type: ignore[union-attr]  # "kept"
+    store.set_status("r1", "kept", "finished", seq=1, now=4.0)
+    # "ended" crashed by its own finish: set aside nothing a writer ended itself.
+    assert store.get_run("r1").status == "crashed"  # type: ignore[union-attr]
+    assert store.running_runs() == []

@@ -89,6 +89,7 @@ class Run:
         token: str | None = None,
         insecure: bool | None = None,
         system_metrics: bool = False,
+        resume: bool = False,
     ) -> None:
         self.id = spec.id
         self.project = spec.project
@@ -122,7 +123,12 @@ class Run:
             keep=offline,
         )
         session = ClientSession(
-            spec, stream=stream, rank=rank, outbox=outbox, client=f"trainwire-python/{__version__}"
+            spec,
+            stream=stream,
+            rank=rank,
+            outbox=outbox,
+            client=f"trainwire-python/{__version__}",
+            resume=resume,
         )
         self._sender = Sender(
             session,
@@ -569,6 +575,7 @@ def init(
             rank=rank if ranks == "all" else None,
             token=token,
             insecure=insecure,
+            resume=resume is not None,
             **options,
         )
     _current = run

@@ -101,6 +101,10 @@ class Hello(msgspec.Struct, frozen=True, tag="hello", tag_field="type"):
     stream: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] = "main"
     rank: Annotated[int, msgspec.Meta(ge=0)] | None = None
     client: str = ""
+    # The script asked to continue the run (init(resume=...)): the processes that
+    # wrote it before are gone, so their streams with no connection open are set
+    # aside, and no longer hold the run "running" or make it "crashed".
+    resume: bool = False
 
 
 class Batch(msgspec.Struct, frozen=True, tag="batch", tag_field="type"):

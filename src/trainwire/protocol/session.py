@@ -78,6 +78,8 @@ class ClientSession:
         rows_per_batch: the most rows in one ``batch`` frame.
         window: the most items sent and not yet acknowledged.
         client: a free-form client description sent in ``hello``.
+        resume: this writer continues a run whose earlier writers are gone (see
+            :class:`Hello`).
     """
 
     def __init__(
@@ -91,6 +93,7 @@ class ClientSession:
         rows_per_batch: int = 1000,
         window: int = 64,
         client: str = "",
+        resume: bool = False,
     ) -> None:
         if rows_per_batch < 1 or window < 1:
             raise ValueError("rows_per_batch and window must be at least 1")
@@ -101,6 +104,7 @@ class ClientSession:
         self.rows_per_batch = rows_per_batch
         self.window = window
         self.client = client
+        self.resume = resume
         self.state = ConnectionState.DISCONNECTED
         self._pending: deque[Row] = deque()
         self._next_seq = next_seq
@@ -165,7 +169,12 @@ class ClientSession:
         """A connection is open: returns the ``hello`` frame to send first."""
         self.state = ConnectionState.AWAITING_WELCOME
         hello = Hello(
-            v=PROTOCOL_VERSION, run=self.run, stream=self.stream, rank=self.rank, client=self.client
+            v=PROTOCOL_VERSION,
+            run=self.run,
+            stream=self.stream,
+            rank=self.rank,
+            client=self.client,
+            resume=self.resume,
         )
         return _encoder.encode(hello)
 

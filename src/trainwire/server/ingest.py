@@ -106,8 +106,8 @@ async def serve_trainer(
     try:
         await _serve(ws, session, context, limits.max_frame_bytes)
     finally:
-        if session.run is not None:
-            context.watch.disconnected(session.run.id, time.time())
+        if session.hello is not None:
+            context.watch.disconnected(session.hello.run.id, time.time(), session.hello.stream)
 
 
 @dataclass
@@ -176,13 +176,20 @@ async def _handle(
             # Connected before the stream is opened: the reaper, which checks the watch
             # again after marking a run crashed, then sees every trainer whose stream
             # its write could have caught (see reap_crashed_runs).
-            context.watch.connected(spec.id)
+            context.watch.connected(spec.id, stream)
             try:
                 last_seq = await run_in_threadpool(store.open_run, spec, stream, time.time())
+                if message.resume:
+                    # The script restarted: the writers it replaced are gone, and
+                    # their streams must not leave the run running, then crashed,
+                    # once this one finishes. Those connected now are kept (the
+                    # ranks of a job restarting together).
+                    keep = context.watch.streams(spec.id)
+                    await run_in_threadpool(store.set_aside, spec.id, keep, time.time())
                 keys = await run_in_threadpool(store.keys, spec.id)
             except BaseException:
                 # serve_trainer disconnects only a session with an open run.
-                context.watch.disconnected(spec.id, time.time())
+                context.watch.disconnected(spec.id, time.time(), stream)
                 raise
             prefix = "" if rank is None else f"rank{rank}/"
             session.run_opened(

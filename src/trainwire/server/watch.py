@@ -21,17 +21,26 @@ class RunWatch:
     def __init__(self, timeout: float, now: float) -> None:
         self.timeout = timeout
         self._started = now
-        self._connections: Counter[str] = Counter()
+        # run -> its writers' streams with a connection open -> how many
+        self._connections: dict[str, Counter[str]] = {}
         self._last_seen: dict[str, float] = {}
 
-    def connected(self, run_id: str) -> None:
-        self._connections[run_id] += 1
+    def connected(self, run_id: str, stream: str = "") -> None:
+        self._connections.setdefault(run_id, Counter())[stream] += 1
 
-    def disconnected(self, run_id: str, now: float) -> None:
-        self._connections[run_id] -= 1
-        if self._connections[run_id] <= 0:
-            del self._connections[run_id]
+    def disconnected(self, run_id: str, now: float, stream: str = "") -> None:
+        streams = self._connections.get(run_id)
+        if streams is not None:
+            streams[stream] -= 1
+            if streams[stream] <= 0:
+                del streams[stream]
+            if not streams:
+                del self._connections[run_id]
         self._last_seen[run_id] = now
+
+    def streams(self, run_id: str) -> set[str]:
+        """The run's streams whose writer has a connection open now."""
+        return set(self._connections.get(run_id, ()))
 
     def overdue(self, running: Iterable[str], now: float) -> list[str]:
         """The runs among ``running`` whose trainers have been gone too long."""

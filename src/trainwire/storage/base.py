@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -87,6 +88,12 @@ class Store(Protocol):
     ) -> RunInfo | None:
         """End a stream as its sequenced item ``seq``; None for a duplicate. The run
         is finished once every stream is."""
+        ...
+
+    def set_aside(self, run_id: str, keep: Collection[str], now: float) -> RunInfo | None:
+        """A writer resumed the run: every stream of it not in ``keep`` (those with
+        a writer connected) and not ended is set aside, its process gone; it no
+        longer holds the run running nor makes it crashed."""
         ...
 
     def mark_crashed(self, run_id: str, now: float) -> RunInfo | None:

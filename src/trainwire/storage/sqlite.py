@@ -7,7 +7,7 @@ import json
 import sqlite3
 import struct
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any, Final
 
@@ -105,6 +105,9 @@ _RUN_COLUMNS: Final = "id, project, name, status, created, updated, config, env"
 # run reads as crashed, and the writer's return undoes it. A stream the writer itself
 # ended with `finish` status "crashed" is "crashed", an end like "finished".
 _LOST: Final = "lost"
+# A stream whose writer's process a resumed run replaced (set_aside): counts for
+# nothing in the run's status.
+_SET_ASIDE: Final = "set aside"
 
 
 class SQLiteStore:
@@ -263,6 +266,16 @@ class SQLiteStore:
             self._db.execute(
                 "UPDATE streams SET status = ? WHERE run_id = ? AND stream = ?",
                 (status, run_id, stream),
+            )
+            return self._settle_status(run_id, now)
+
+    def set_aside(self, run_id: str, keep: Collection[str], now: float) -> RunInfo | None:
+        with self._lock, self._transaction():
+            marks = ", ".join("?" * len(keep))
+            self._db.execute(
+                "UPDATE streams SET status = ? WHERE run_id = ? AND status IN (?, ?)"
+                f" AND stream NOT IN ({marks})",
+                (_SET_ASIDE, run_id, RunStatus.RUNNING, _LOST, *keep),
             )
             return self._settle_status(run_id, now)
 
