@@ -85,18 +85,26 @@ def test_an_unreachable_server_never_blocks_or_breaks_training(
     assert "1000 rows undelivered" in caplog.text
 
 
-def test_log_never_raises_into_training(live_server: LiveServer) -> None:
+def test_log_never_raises_into_training(
+    live_server: LiveServer, caplog: pytest.LogCaptureFixture
+) -> None:
     run = trainwire.init(project="e2e", url=live_server.url)
-    run.log(None)  # type: ignore[arg-type]
-    run.log({"ok": 1.0, "text": "high", "list": [1, 2]})
-    run.log({"ok": 2.0}, step=10)
-    run.log({"ok": 3.0})
-    run.log({"ok": 9.0}, step="eleven")  # type: ignore[arg-type]
-    run.finish()
+    with caplog.at_level(logging.WARNING, logger="trainwire.client"):
+        run.log(None)  # type: ignore[arg-type]
+        run.log({"ok": 1.0, "text": "high", "list": [1, 2]})
+        run.log({"ok": 2.0}, step=10)
+        run.log({"ok": 3.0})
+        run.log({"ok": 9.0}, step="eleven")  # type: ignore[arg-type]
+        run.finish()
     run.log({"ok": 4.0})  # after finish: ignored with one warning
     _, stored = live_server.store.metrics(run.id)
     assert list(stored) == ["ok"]
     assert stored["ok"].step == [0, 10, 11]
+    # The caller's mistakes, said plainly: no traceback of ours, no false cause.
+    said = [r.getMessage() for r in caplog.records]
+    assert "trainwire: log() takes a dict of metrics, not NoneType; call dropped" in said
+    assert all(r.exc_info is None for r in caplog.records)
+    assert f"trainwire: 2 rows of run {run.id} were dropped (the warnings above say why)" in said
 
 
 def test_the_context_manager_finishes_or_marks_the_run_crashed(live_server: LiveServer) -> None:

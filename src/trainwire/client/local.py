@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 from typing import Final
 
+from trainwire.client.notice import notice
 from trainwire.exceptions import TransientError
 from trainwire.settings import DEFAULT_PORT, DISCOVERY_FILE, LOCK_FILE, TOKEN_FILE
 
@@ -148,5 +149,7 @@ def ensure_local_server(data_dir: Path, port: int = DEFAULT_PORT, timeout: float
     url = b"".join(chunks).decode().strip()
     if not url:
         raise TransientError(f"trainwire server failed to start; see {data_dir / 'server.log'}")
-    logger.info("started trainwire server at %s", url)
+    notice(
+        logger, "trainwire: started a server at %s (it keeps running; trainwire stop ends it)", url
+    )
     return url

@@ -28,6 +28,7 @@ from trainwire import __version__
 from trainwire.client import environment
 from trainwire.client.config import plain_config
 from trainwire.client.local import ensure_local_server, local_token
+from trainwire.client.notice import notice
 from trainwire.client.sender import OPEN_TIMEOUT, LoggedRow, Sender
 from trainwire.client.spool import SpillingOutbox, new_header
 from trainwire.client.system import SystemSampler
@@ -192,7 +193,13 @@ class Run:
         except Exception:  # the training loop's boundary: count, warn once, go on
             self._dropped_calls += 1
             if self._dropped_calls == 1:
-                logger.warning("trainwire could not record a log() call", exc_info=True)
+                if isinstance(metrics, Mapping):  # a bug of ours, or a mapping's own
+                    logger.warning("trainwire could not record a log() call", exc_info=True)
+                else:  # the caller's mistake: said plainly, not with our traceback
+                    logger.warning(
+                        "trainwire: log() takes a dict of metrics, not %s; call dropped",
+                        type(metrics).__name__,
+                    )
 
     def _refuse(self) -> None:
         """log() when the run is not running, or its queue is full."""
@@ -274,7 +281,8 @@ class Run:
         sender = self._sender
         if self.server_url is None:
             if self.path.exists():
-                logger.info(
+                notice(
+                    logger,
                     "trainwire: offline run %s written to %s; upload it with: trainwire sync %s",
                     self.id, self.path, self.path,
                 )  # fmt: skip
@@ -292,9 +300,11 @@ class Run:
                 self.id, self.server_url, left, kept,
             )  # fmt: skip
         dropped = sender.dropped_rows + self._dropped_calls
-        if dropped:
+        if dropped:  # each cause was said once as it happened
             logger.warning(
-                "trainwire: %d rows of run %s were dropped (bounds reached)", dropped, self.id
+                "trainwire: %d rows of run %s were dropped (the warnings above say why)",
+                dropped,
+                self.id,
             )
         refused = sender.session.refused_values
         if refused:
