@@ -7,6 +7,7 @@ import {
   downsample,
   ema,
   insertPoints,
+  lonePoints,
   minMaxIndices,
   nearestIndex,
   stepRange,
@@ -174,4 +175,27 @@ test("downsample keeps the first and the newest point (the caption's last value,
   assert.equal(out.step[0], 0);
   assert.equal(out.step.at(-1), n - 1);
   assert.equal(out.value.at(-1), 0.5);
+});
+
+test("lonePoints finds the values a line cannot show, and only those", () => {
+  const U = undefined;
+  assert.deepEqual(lonePoints([0.9], 0, 0), [0]); // logged once
+  assert.deepEqual(lonePoints([1, 2, 3], 0, 2), null);
+  // Another run's x values (undefined) are drawn across: still a line.
+  assert.deepEqual(lonePoints([1, U, U, 2], 0, 3), null);
+  // The first point of a per-epoch metric among a training loss's steps.
+  assert.deepEqual(lonePoints([U, U, 0.7, U, U], 0, 4), [2]);
+  // Between two NaNs (null), at either end beside one, and not beside a value.
+  assert.deepEqual(lonePoints([1, null, 2, null, 3, 4], 0, 5), [0, 2]);
+  assert.deepEqual(lonePoints([1, 2, null, 3], 0, 3), [3]);
+  // A view that starts inside a line does not make its first point lone.
+  assert.deepEqual(lonePoints([1, 2, 3, null, 5], 1, 4), [4]);
+  assert.deepEqual(lonePoints([1, U, 2, null], 2, 3), null);
+  assert.deepEqual(lonePoints([null, U, 2, null], 2, 3), [2]);
+});
+
+test("lonePoints looks past the view for a point's neighbours", () => {
+  const U = undefined;
+  assert.deepEqual(lonePoints([1, U, U, 2, null], 1, 4), null); // joined to the 1 before the view
+  assert.deepEqual(lonePoints([null, U, U, 2, U], 1, 3), [3]);
 });

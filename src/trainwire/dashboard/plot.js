@@ -4,6 +4,7 @@
 
 import uPlot from "./vendor/uplot/uPlot.esm.js";
 import { formatValue } from "./charts.js";
+import { lonePoints } from "./series.js";
 
 export const CHART_HEIGHT = 200;
 
@@ -81,6 +82,12 @@ function formatClock(seconds) {
  *   onCursor: (u: uPlot) => void,
  * }} spec
  */
+/** uPlot's points.filter: dots for the points a line cannot show (lonePoints). */
+function dotLonePoints(u, seriesIdx) {
+  const [i0, i1] = u.series[0].idxs ?? [0, u.data[0].length - 1];
+  return lonePoints(u.data[seriesIdx], i0, i1);
+}
+
 export function plotOptions(spec) {
   const axisColour = cssVar("--axis");
   const gridColour = cssVar("--grid");
@@ -96,7 +103,7 @@ export function plotOptions(spec) {
     }
     // Width 1: Skia draws hairlines on a fast path; a 1.5 px stroke is a filled outline
     // and, with eight runs live, several times the raster work of the whole frame.
-    series.push({ label: run.label, stroke: run.colour, width: 1, points: { show: false } });
+    series.push({ label: run.label, stroke: run.colour, width: 1, points: { show: false, filter: dotLonePoints, size: 6, fill: run.colour } });
   }
   const xAxis = { ...axis, size: 36 };
   if (spec.xMode === "relative") xAxis.values = (u, splits) => splits.map(formatClock);

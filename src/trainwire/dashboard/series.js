@@ -207,6 +207,36 @@ export function alignSeries(xs, ys) {
 }
 
 /**
+ * The indices, from `i0` to `i1`, of the points a line cannot show: values whose
+ * neighbours on both sides (skipping `undefined`, which uPlot draws across) are
+ * gaps (`null`) or the ends of the data. A metric logged once (a test accuracy),
+ * the first point of a per-epoch one, a value between two NaNs: drawn as a line
+ * alone, each is nothing at all; uPlot draws these as dots. null if there are none.
+ *
+ * @param {Array<number|null|undefined>} ys one aligned column
+ * @param {number} i0 first index in view
+ * @param {number} i1 last index in view
+ * @returns {number[] | null}
+ */
+export function lonePoints(ys, i0, i1) {
+  const lone = [];
+  let k = i0 - 1;
+  while (k >= 0 && ys[k] === undefined) k--;
+  let before = k >= 0 ? ys[k] : null; // the last defined value before i: null for a gap or none
+  for (let i = i0; i <= i1; i++) {
+    const v = ys[i];
+    if (v === undefined) continue;
+    if (v !== null && before === null) {
+      let j = i + 1;
+      while (j < ys.length && ys[j] === undefined) j++;
+      if (j >= ys.length || ys[j] === null) lone.push(i);
+    }
+    before = v;
+  }
+  return lone.length > 0 ? lone : null;
+}
+
+/**
  * Index of the x nearest to `x` in an ascending array, or -1 if it is empty.
  *
  * @param {number[]} xs
