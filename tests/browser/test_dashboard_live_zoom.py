@@ -279,3 +279,24 @@ def test_ticking_follow_latest_on_a_zoom_that_already_ends_at_the_newest_point_f
         page.wait_for_timeout(50)  # Playwright's own wait: the page runs meanwhile
     drawn = page.evaluate(DRAWN, "loss")[0]
     assert N + 49 in drawn, f"newest drawn: {max(drawn)}"
+
+
+def test_a_step_zoom_leaves_the_system_charts_whole(live_server: LiveServer, browser: Any) -> None:
+    """System metrics' steps are seconds since init(): a range of training steps
+    blanked every one of them, the first charts on the page."""
+    run = trainwire.init(project="review", name="system", url=live_server.url)
+    for step in range(1000):
+        run.log({"loss": float(step % 97)}, step=step)
+    for second in range(21):
+        run.log({"system/cpu": 50.0, "rank1/system/cpu": 40.0}, step=second)
+    run.finish()
+    page = open_page(browser, live_server, f"#runs={run.id}&zoom=500,900", viewport=VIEWPORT)
+    shown = "(key) => window.__trainwire.shown(key)"
+    for key in ("loss", "system/cpu", "rank1/system/cpu"):
+        wait_chart(page, key, "f.dataset.points !== '0'")
+    page.wait_for_function(f"() => ({shown})('loss')?.[0] === 500", timeout=WAIT_MS)
+    assert page.evaluate(shown, "loss") == [500, 900]
+    for key in ("system/cpu", "rank1/system/cpu"):
+        low, high = page.evaluate(shown, key)
+        assert low <= 0 and high >= 20, (key, low, high)
+    assert page.errors == []

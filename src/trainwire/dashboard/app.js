@@ -26,6 +26,7 @@
 //     marks:  {historyDrawnAt: {run: when its history was first drawn}, zoomRequested,
 //              zoomDrawn (performance.now() times), renders: n, renderMs: time spent drawing}
 //     drawn(key): the columns the chart of `key` draws (uPlot data: x, then each series)
+//     shown(key): the x range the chart of `key` shows, [min, max]
 
 import {
   applyPointsFrame,
@@ -162,6 +163,10 @@ window.__trainwire = Object.freeze({
   marks,
   zoom: (min, max) => setZoom(min, max),
   drawn: (key) => charts.get(key)?.plot?.data ?? null,
+  shown: (key) => {
+    const x = charts.get(key)?.plot?.scales.x;
+    return x === undefined ? null : [x.min, x.max];
+  },
   resetZoom: () => resetZoom(),
 });
 
@@ -863,6 +868,7 @@ function latestX() {
     if (store === undefined) continue;
     const origin = runs.get(id)?.created ?? 0;
     for (const key of Object.keys(store)) {
+      if (view.x === "step" && isSystemKey(key)) continue; // seconds, not steps
       const entry = store[key];
       const n = entry.step.length;
       if (n === 0) continue;
@@ -944,8 +950,23 @@ function chartKeys() {
 
 /** The entry drawn for a run's metric: the zoom's finer data when there is some. */
 function entryFor(id, key) {
-  const zoom = zooms.get(id);
+  const zoom = zoomed(key) ? zooms.get(id) : undefined;
   return zoom?.series[key] ?? state.series[id]?.[key];
+}
+
+/**
+ * Whether the zoom applies to a chart. System metrics' steps are seconds since
+ * init() (they are sampled by the clock, not by the training loop): a range of
+ * training steps means nothing to them, and blanked them. On the time axes both
+ * share a clock, and the zoom applies to every chart.
+ */
+function zoomed(key) {
+  return view.zoom !== null && !(view.x === "step" && isSystemKey(key));
+}
+
+/** A system metric's key (`system/cpu`, or `rank1/system/cpu` of a rank). */
+function isSystemKey(key) {
+  return /^(rank\d+\/)?system\//.test(key);
 }
 
 const resizer = new ResizeObserver((entries) => {
@@ -1163,7 +1184,8 @@ function drawChart(chart) {
         smoothed,
         log: view.log,
         xMode: view.x,
-        onZoom: (min, max) => setZoom(min, max),
+        // A drag on a system chart selects seconds, not steps (see zoomed).
+        onZoom: (min, max) => (view.x === "step" && isSystemKey(key) ? undefined : setZoom(min, max)),
         onReset: () => resetZoom(),
         onCursor: (u) => showTooltip(chart, u),
       };
@@ -1178,11 +1200,11 @@ function drawChart(chart) {
   } else {
     // In one batch: uPlot draws once, now, inside this frame's time slice.
     chart.plot.batch(() => {
-      chart.plot.setData(data, view.zoom === null);
-      if (view.zoom !== null) chart.plot.setScale("x", { min: view.zoom[0], max: view.zoom[1] });
+      chart.plot.setData(data, !zoomed(key));
+      if (zoomed(key)) chart.plot.setScale("x", { min: view.zoom[0], max: view.zoom[1] });
     });
   }
-  if (chart.plot !== null && view.zoom !== null && chart.plot.scales.x.min !== view.zoom[0]) {
+  if (chart.plot !== null && zoomed(key) && chart.plot.scales.x.min !== view.zoom[0]) {
     chart.plot.setScale("x", { min: view.zoom[0], max: view.zoom[1] });
   }
   chart.figure.dataset.points = String(entries.reduce((n, e) => n + e.value.length, 0));
