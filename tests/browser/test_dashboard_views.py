@@ -124,6 +124,15 @@ def test_overlay_smoothing_and_a_link_that_restores_the_view(
     assert other.locator("#log").is_checked()
     assert other.locator("#xmode").input_value() == "relative"
     assert other.locator("figure[data-key]").count() == 1
+
+    # The link followed in a tab that already shows the dashboard: only the
+    # fragment changes, the page does not reload, and the view must follow it.
+    page.evaluate(f"() => {{ location.hash = '#runs={b}&smooth=0.3'; }}")
+    wait_chart(page, "train/loss", f"f.dataset.runs === '{b}'")
+    assert page.locator("#smooth").input_value() == "0.3"
+    assert not page.locator("#log").is_checked()
+    assert page.locator("#xmode").input_value() == "step"
+    assert page.locator("figure[data-key]").count() > 1  # no metric filter
     assert page.errors == [] and other.errors == []
 
 

@@ -178,6 +178,17 @@ function make(tag, className, text) {
   return node;
 }
 
+// A link to another view followed in a tab that shows the dashboard changes only
+// the fragment: no reload, so it is applied here (writeUrl's replaceState fires no
+// hashchange of its own).
+window.addEventListener("hashchange", () => {
+  Object.assign(view, parseState(location.hash, location.search));
+  zoomGeneration += 1;
+  zooms.clear();
+  syncToolbar();
+  selectionChanged();
+});
+
 function writeUrl() {
   const url = new URL(location.href);
   url.searchParams.delete("run"); // the fragment holds it now
