@@ -42,6 +42,24 @@ def test_a_long_outage_spills_to_disk_and_replays_in_order(
     assert not run.path.exists()  # delivered: the spill file is gone
 
 
+def test_an_outage_and_its_end_are_each_said_once(
+    live_server: LiveServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A user watching the training's output learns the server went away, and also
+    that it came back (before, only the first)."""
+    caplog.set_level(logging.INFO, logger="trainwire.client")
+    live_server.stop()
+    run = trainwire.init(url=live_server.url)
+    run.log({"x": 0.0})
+    assert wait_until(lambda: "/ws/ingest unreachable (" in caplog.text, 10_000 * MS)
+    live_server.start()
+    run.log({"x": 1.0})
+    run.finish(timeout=20_000 * MS)
+    assert run.delivered
+    assert caplog.text.count("/ws/ingest unreachable (") == 1
+    assert caplog.text.count(f"reconnected to {run._sender.url}") == 1
+
+
 def test_offline_runs_are_written_to_a_file_and_synced_once_however_often(
     live_server: LiveServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -437,6 +455,8 @@ def test_a_refused_token_ends_finish_at_once_and_keeps_the_rows(
     run.finish(timeout=30.0)
     assert time.monotonic() - started < 15.0  # not the whole timeout
     assert "invalid, expired or revoked token" in caplog.text
+    assert "(refused: invalid, expired or revoked token)" in caplog.text  # not "timeout"
+    assert "within the timeout" not in caplog.text
     assert run.path.exists() and not run.delivered
     assert main(["sync", str(run.path), "--url", live_server.url]) == 0
     assert stored_steps(live_server, run.id, "x") == [0]

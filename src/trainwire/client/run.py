@@ -295,9 +295,12 @@ class Run:
             kept = ""
             if self.path.exists():
                 kept = f" (kept in {self.path}: trainwire sync uploads them)"
+            why = "within the timeout"
+            if sender.refused is not None:  # its token: no use waiting, nor saying "timeout"
+                why = f"(refused: {sender.refused})"
             logger.warning(
-                "trainwire: run %s not confirmed by %s within the timeout; %d rows undelivered%s",
-                self.id, self.server_url, left, kept,
+                "trainwire: run %s not confirmed by %s %s; %d rows undelivered%s",
+                self.id, self.server_url, why, left, kept,
             )  # fmt: skip
         dropped = sender.dropped_rows + self._dropped_calls
         if dropped:  # each cause was said once as it happened

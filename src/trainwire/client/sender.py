@@ -21,13 +21,14 @@ from typing import Any, Final
 from websockets.exceptions import ConnectionClosedError, InvalidStatus, WebSocketException
 
 from trainwire.client.link import Link
+from trainwire.client.notice import notice
 from trainwire.client.spool import SpillingOutbox
 from trainwire.client.tensors import TensorResolver
 from trainwire.client.values import to_float
 from trainwire.exceptions import ProtocolError
 from trainwire.protocol.batching import Backoff
 from trainwire.protocol.limits import STEP_MAX, STEP_MIN, key_problem
-from trainwire.protocol.messages import Ack, FinishStatus, Row
+from trainwire.protocol.messages import Ack, FinishStatus, Row, Welcome
 from trainwire.protocol.session import ClientSession
 
 __all__ = ["OPEN_TIMEOUT", "LoggedRow", "Sender"]
@@ -382,6 +383,11 @@ class Sender(threading.Thread):
                 raise ProtocolError("server sent a text frame")
             message = self.session.receive_frame(data)
             self._backoff.reset()
+            if type(message) is Welcome and "connect" in self._warned:
+                # Said as the outage was: once each, so that a user watching the
+                # training's output knows it recovered (and hears of the next one).
+                self._warned.discard("connect")
+                notice(logger, "trainwire: reconnected to %s; sending what was held", self.url)
             if type(message) is Ack and message.refused:
                 # Past the run's key limit, which the run's other writers count
                 # towards too: stop sending these keys (see _take_key).
