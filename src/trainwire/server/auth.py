@@ -342,7 +342,12 @@ def _refusal(
     token: str | None, granted: AccessScope | None, needed: AccessScope
 ) -> tuple[int, str]:
     if not token:
-        return 401, "token required: open the URL that trainwire serve printed, or send a token"
+        # Also a close reason (at most 123 bytes). Many users never ran `trainwire
+        # serve`: init() started their server, and run.url is their link.
+        return 401, (
+            "token required: open the link trainwire printed (trainwire serve, or run.url), "
+            "or send a token"
+        )
     if granted is None:
         return 401, "invalid, expired or revoked token"
     return 403, f"this token's scope is {granted.name.lower()}; this needs {needed.name.lower()}"
