@@ -166,6 +166,21 @@ def test_resume_continues_a_run_after_the_script_restarts(live_server: LiveServe
     assert [r.status for r in live_server.store.list_runs()] == ["finished"]
 
 
+def test_a_resume_that_names_no_run_says_so(
+    live_server: LiveServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A typo in resume= started a stray run in silence, the real one untouched."""
+    caplog.set_level(logging.WARNING, logger="trainwire.client")
+    with trainwire.init(url=live_server.url, id="real") as first:
+        first.log({"x": 0.0})
+    with trainwire.init(url=live_server.url, resume="real") as again:
+        again.log({"x": 1.0})
+    assert "names no run" not in caplog.text
+    with trainwire.init(url=live_server.url, resume="reall") as typo:
+        typo.log({"x": 1.0})
+    assert f"resume='reall' names no run on {typo._sender.url}" in caplog.text
+
+
 TRAINER = """
 import sys, trainwire
 run = trainwire.init(project="doomed", url=sys.argv[1], flush_interval=0.005)

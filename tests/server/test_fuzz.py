@@ -220,7 +220,7 @@ def good_trainer(client: TestClient) -> Iterator[WellBehavedTrainer]:
         ws.send_bytes(msgspec.msgpack.encode(Hello(v=PROTOCOL_VERSION, run=GOOD)))
         message = receive_within(ws)
         assert _server_decoder.decode(message["bytes"]) == Welcome(
-            v=PROTOCOL_VERSION, run_id=GOOD.id, last_seq=0
+            v=PROTOCOL_VERSION, run_id=GOOD.id, last_seq=0, new_run=True
         )
         trainer = WellBehavedTrainer(client, ws)
         trainer.logs_a_batch_and_finds_everything_stored()

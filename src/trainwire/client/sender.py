@@ -383,6 +383,13 @@ class Sender(threading.Thread):
                 raise ProtocolError("server sent a text frame")
             message = self.session.receive_frame(data)
             self._backoff.reset()
+            if type(message) is Welcome and message.new_run and self.session.resume:
+                self._warn_once(
+                    "resume",
+                    "trainwire: resume=%r names no run on %s: it starts as a new run",
+                    self.session.run.id,
+                    self.url,
+                )
             if type(message) is Welcome and "connect" in self._warned:
                 # Said as the outage was: once each, so that a user watching the
                 # training's output knows it recovered (and hears of the next one).

@@ -135,11 +135,14 @@ Sequenced = Batch | Finish
 
 
 class Welcome(msgspec.Struct, frozen=True, tag="welcome", tag_field="type"):
-    """``last_seq``: the highest seq of this stream already stored."""
+    """``last_seq``: the highest seq of this stream already stored. ``new_run``: the
+    run did not exist before this hello (a resume that names no run: a typo, or
+    another server); older servers leave it out."""
 
     v: int
     run_id: str
     last_seq: int
+    new_run: bool = False
 
 
 class Ack(msgspec.Struct, frozen=True, tag="ack", tag_field="type", omit_defaults=True):

@@ -400,16 +400,20 @@ class ServerSession:
         if len(self._known_keys) < self.max_known_keys:
             self._known_keys.add(key)
 
-    def run_opened(self, hello: Hello, last_seq: int, keys: Iterable[str] = ()) -> None:
+    def run_opened(
+        self, hello: Hello, last_seq: int, keys: Iterable[str] = (), *, new_run: bool = False
+    ) -> None:
         """The run and stream named in ``hello`` are open in storage, holding batches
-        up to ``last_seq``, and the metric ``keys`` (as this writer names them)."""
+        up to ``last_seq``, and the metric ``keys`` (as this writer names them);
+        ``new_run``: this hello created the run."""
         self._known_keys = set(keys)
         self.hello = hello
         self.run = hello.run
         self.last_seq = last_seq
-        self._replies.append(
-            _encoder.encode(Welcome(v=PROTOCOL_VERSION, run_id=hello.run.id, last_seq=last_seq))
+        welcome = Welcome(
+            v=PROTOCOL_VERSION, run_id=hello.run.id, last_seq=last_seq, new_run=new_run
         )
+        self._replies.append(_encoder.encode(welcome))
 
     def committed(self, seq: int, refused: Iterable[str] = ()) -> None:
         """The batch (or finish) ``seq`` is durably stored, but for the values of the

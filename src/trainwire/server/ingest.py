@@ -168,9 +168,8 @@ async def _handle(
         case None:
             return
         case Hello(run=spec, stream=stream, rank=rank):
-            if await run_in_threadpool(store.get_run, spec.id) is None and not (
-                context.new_runs.allow(context.principal, time.time(), spec.id)
-            ):
+            new_run = await run_in_threadpool(store.get_run, spec.id) is None
+            if new_run and not context.new_runs.allow(context.principal, time.time(), spec.id):
                 limit = context.new_runs.limit
                 raise ProtocolError(f"more than {limit} new runs a minute", code=1008)
             # Connected before the stream is opened: the reaper, which checks the watch
@@ -193,7 +192,10 @@ async def _handle(
                 raise
             prefix = "" if rank is None else f"rank{rank}/"
             session.run_opened(
-                message, last_seq, [k.removeprefix(prefix) for k in keys if k.startswith(prefix)]
+                message,
+                last_seq,
+                [k.removeprefix(prefix) for k in keys if k.startswith(prefix)],
+                new_run=new_run,
             )
             run = await run_in_threadpool(store.get_run, spec.id)
             if run is not None:
