@@ -14,6 +14,7 @@ from tests.server.conftest import ADMIN_TOKEN, SPEC, app_settings, open_trainer,
 from trainwire.exceptions import StorageError
 from trainwire.protocol.messages import Ack, Batch, Finish, RunSpec
 from trainwire.server.app import create_app
+from trainwire.server.fanout import DashboardFeed
 from trainwire.server.ingest import BIG_BATCH_VALUES, BIG_FRAME_BYTES
 from trainwire.settings import Limits
 from trainwire.storage import SQLiteStore
@@ -115,6 +116,26 @@ def test_a_dashboard_whose_catch_up_fails_is_closed_with_the_reason_not_left_sil
                 greeting(dash)
                 dash.send_json({"type": "subscribe", "run": "run-1", "after": 0})
                 assert steps(dash.receive_json()) == [0, 1]
+
+
+def test_a_dashboard_whose_sender_fails_on_a_bug_is_closed_not_left_silent(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A RuntimeError is also what a send on a closed socket raises: one raised on an
+    open socket (a bug) must close it too, not end its sender in silence."""
+
+    async def fails(self: DashboardFeed, run_id: str, *, snapshot: bool) -> None:
+        raise RuntimeError("dictionary changed size during iteration")
+
+    monkeypatch.setattr(DashboardFeed, "_catch_up", fails)
+    with open_trainer(client) as trainer:
+        log_batch(trainer, 1, 0)
+        with open_dashboard(client) as dash:
+            greeting(dash)
+            dash.send_json({"type": "subscribe", "run": "run-1", "after": 0})
+            with pytest.raises(WebSocketDisconnect) as closed:
+                dash.receive_json()
+    assert (closed.value.code, closed.value.reason) == (1011, "server error")
 
 
 def test_a_reconnecting_dashboard_resumes_without_gap_or_duplicate(client: TestClient) -> None:

@@ -234,18 +234,28 @@ async def _write(ws: WebSocket, feed: DashboardFeed) -> None:
     nothing came. The page reconnects and resumes after the last seq it has."""
     try:
         await feed.run()
-    except (WebSocketDisconnect, RuntimeError, OSError):  # the socket went, or is closing
+    except WebSocketDisconnect:
         return
     except StorageError as exc:
         refusal = ProtocolError(f"server storage error: {exc}", code=1011)
         logger.error("closing dashboard connection: %s", refusal.reason)
-    except Exception:
+    except Exception as exc:
+        if isinstance(exc, RuntimeError | OSError) and _closed(ws):
+            return  # a send on a socket that went, or that is being closed
+        # Anything else is a bug here: said, and the socket closed rather than left
+        # open with nothing more to come.
         logger.exception("closing dashboard connection after an error")
         refusal = ProtocolError("server error", code=1011)
     else:
         return
     with contextlib.suppress(RuntimeError, WebSocketDisconnect):  # closed meanwhile
         await ws.close(code=refusal.code, reason=refusal.reason)
+
+
+def _closed(ws: WebSocket) -> bool:
+    """Whether either end has closed the socket (a send then raises RuntimeError)."""
+    disconnected = WebSocketState.DISCONNECTED
+    return ws.application_state is disconnected or ws.client_state is disconnected
 
 
 async def serve_dashboard(
@@ -289,7 +299,7 @@ async def serve_dashboard(
     except WebSocketDisconnect:
         return
     except RuntimeError:
-        if ws.application_state is WebSocketState.DISCONNECTED:
+        if _closed(ws):
             return  # closed by its writer (_write) while this answered a message
         raise
     finally:
