@@ -80,6 +80,8 @@ class LiveServer:
     data_dir: Path
     port: int = 0
     heartbeat_timeout: float = 60.0
+    # A test's own store (one that fails on purpose), made on the data directory.
+    store_type: type[SQLiteStore] = SQLiteStore
     url: str = ""
     store: SQLiteStore = field(init=False)
     _server: uvicorn.Server | None = None
@@ -92,7 +94,7 @@ class LiveServer:
             heartbeat_timeout=self.heartbeat_timeout,
             token=TOKEN,
         )
-        self.store = SQLiteStore(settings.db_path)
+        self.store = self.store_type(settings.db_path)
         # Bound here, before the thread starts: the port is known at once, and
         # connections made before uvicorn is ready wait in the backlog.
         sock = bind("127.0.0.1", self.port)

@@ -273,76 +273,71 @@ def hello_of(stream: str, *, resume: bool = False, rank: int | None = None) -> H
     return Hello(v=PROTOCOL_VERSION, run=SPEC, stream=stream, rank=rank, resume=resume)
 
 
+def writer_gone(client: TestClient, hello: Hello, *batches: Batch) -> None:
+    """A writer that said ``hello``, sent ``batches``, and vanished without a finish,
+    as under kill -9."""
+    with client.websocket_connect("/ws/ingest") as ws:
+        send(ws, hello)
+        receive(ws)
+        for batch in batches:
+            send(ws, batch)
+            assert receive(ws) == Ack(seq=batch.seq)
+
+
 @pytest.mark.parametrize("lost_first", [False, True], ids=["resumed-at-once", "resumed-late"])
 def test_a_run_resumed_after_its_trainer_was_killed_ends_as_its_resumed_writer_does(
-    tmp_path: Path, lost_first: bool
+    client: TestClient, lost_first: bool
 ) -> None:
     """A preempted or OOM-killed job, resumed (init(resume=...)) and run to its end,
     read "crashed" for good: the killed process's stream stayed "running", and was
     marked lost by the reaper after the resumed one finished (or was lost already,
     if the resume came after the heartbeat timeout)."""
-    store = SQLiteStore(tmp_path / "t.db")
-    app = create_app(app_settings(tmp_path), store=store)
-    with TestClient(app, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as client:
-        with client.websocket_connect("/ws/ingest") as killed:
-            send(killed, hello_of("killed"))
-            receive(killed)
-            send(killed, Batch(seq=1, rows=[(0, 1.0, {"loss": 1.0})]))
-            assert receive(killed) == Ack(seq=1)
-        # Gone without a finish, as under kill -9.
-        if lost_first:
-            store.mark_crashed(SPEC.id, now=100.0)
-        with client.websocket_connect("/ws/ingest") as resumed:
-            send(resumed, hello_of("resumed", resume=True))
-            receive(resumed)
-            send(resumed, Finish(seq=1))
-            assert receive(resumed) == Ack(seq=1)
-        assert client.get(f"/api/runs/{SPEC.id}").json()["status"] == "finished"
-        watch: RunWatch = app.state.watch
-        assert SPEC.id not in watch.overdue(store.running_runs(), now=math.inf)
+    store: SQLiteStore = client.app.state.store  # type: ignore[attr-defined]
+    writer_gone(client, hello_of("killed"), Batch(seq=1, rows=[(0, 1.0, {"loss": 1.0})]))
+    if lost_first:
+        store.mark_crashed(SPEC.id, now=100.0)
+    with client.websocket_connect("/ws/ingest") as resumed:
+        send(resumed, hello_of("resumed", resume=True))
+        receive(resumed)
+        send(resumed, Finish(seq=1))
+        assert receive(resumed) == Ack(seq=1)
+    assert client.get(f"/api/runs/{SPEC.id}").json()["status"] == "finished"
+    watch: RunWatch = client.app.state.watch  # type: ignore[attr-defined]
+    assert SPEC.id not in watch.overdue(store.running_runs(), now=math.inf)
 
 
-def test_a_resumed_writer_sets_aside_only_writers_not_connected(tmp_path: Path) -> None:
+def test_a_resumed_writer_sets_aside_only_writers_not_connected(client: TestClient) -> None:
     """The ranks of a job restarted together each resume the run: one must not set
     aside another that is connected."""
-    store = SQLiteStore(tmp_path / "t.db")
-    app = create_app(app_settings(tmp_path), store=store)
-    with TestClient(app, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as client:
-        with client.websocket_connect("/ws/ingest") as gone:
-            send(gone, hello_of("gone", rank=1))
-            receive(gone)
-        with (
-            client.websocket_connect("/ws/ingest") as rank0,
-            client.websocket_connect("/ws/ingest") as rank1,
-        ):
-            send(rank1, hello_of("rank1", rank=1, resume=True))
-            receive(rank1)
-            send(rank0, hello_of("rank0", rank=0, resume=True))
-            receive(rank0)
-            send(rank0, Finish(seq=1))
-            assert receive(rank0) == Ack(seq=1)
-            # rank 1, resumed before rank 0 and still connected, still runs.
-            assert client.get(f"/api/runs/{SPEC.id}").json()["status"] == "running"
-            send(rank1, Finish(seq=1))
-            assert receive(rank1) == Ack(seq=1)
-        assert client.get(f"/api/runs/{SPEC.id}").json()["status"] == "finished"
+    writer_gone(client, hello_of("gone", rank=1))
+    with (
+        client.websocket_connect("/ws/ingest") as rank0,
+        client.websocket_connect("/ws/ingest") as rank1,
+    ):
+        send(rank1, hello_of("rank1", rank=1, resume=True))
+        receive(rank1)
+        send(rank0, hello_of("rank0", rank=0, resume=True))
+        receive(rank0)
+        send(rank0, Finish(seq=1))
+        assert receive(rank0) == Ack(seq=1)
+        # rank 1, resumed before rank 0 and still connected, still runs.
+        assert client.get(f"/api/runs/{SPEC.id}").json()["status"] == "running"
+        send(rank1, Finish(seq=1))
+        assert receive(rank1) == Ack(seq=1)
+    assert client.get(f"/api/runs/{SPEC.id}").json()["status"] == "finished"
 
 
 def test_a_writer_that_does_not_resume_leaves_a_vanished_fellow_counting(
-    tmp_path: Path,
+    client: TestClient,
 ) -> None:
     """Another rank, not a resume: a rank that vanished still holds the run, to be
     called crashed by the reaper."""
-    store = SQLiteStore(tmp_path / "t.db")
-    app = create_app(app_settings(tmp_path), store=store)
-    with TestClient(app, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as client:
-        with client.websocket_connect("/ws/ingest") as gone:
-            send(gone, hello_of("gone", rank=1))
-            receive(gone)
-        with client.websocket_connect("/ws/ingest") as rank0:
-            send(rank0, hello_of("rank0", rank=0))
-            receive(rank0)
-            send(rank0, Finish(seq=1))
-            assert receive(rank0) == Ack(seq=1)
-        assert client.get(f"/api/runs/{SPEC.id}").json()["status"] == "running"
-        assert store.mark_crashed(SPEC.id, now=100.0).status == "crashed"  # type: ignore[union-attr]
+    store: SQLiteStore = client.app.state.store  # type: ignore[attr-defined]
+    writer_gone(client, hello_of("gone", rank=1))
+    with client.websocket_connect("/ws/ingest") as rank0:
+        send(rank0, hello_of("rank0", rank=0))
+        receive(rank0)
+        send(rank0, Finish(seq=1))
+        assert receive(rank0) == Ack(seq=1)
+    assert client.get(f"/api/runs/{SPEC.id}").json()["status"] == "running"
+    assert store.mark_crashed(SPEC.id, now=100.0).status == "crashed"  # type: ignore[union-attr]

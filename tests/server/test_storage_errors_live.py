@@ -5,42 +5,41 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
-import uvicorn
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from tests.conftest import TOKEN
+from tests.conftest import TOKEN, LiveServer
 from trainwire.exceptions import StorageError
 from trainwire.protocol.messages import PROTOCOL_VERSION, Batch, Hello, RunInfo, RunSpec
-from trainwire.server.app import create_app
-from trainwire.server.runner import bind, server_url, uvicorn_config
-from trainwire.settings import Settings
 from trainwire.storage import SQLiteStore
 
 SPEC = RunSpec(id="run-1", project="p", name="n", config={})
 
 
 @contextlib.contextmanager
-def serving(tmp_path: Path, store: SQLiteStore) -> Iterator[str]:
-    settings = Settings(data_dir=tmp_path, token=TOKEN)
-    sock = bind("127.0.0.1", 0)
-    url = server_url(sock).replace("http://", "ws://")
-    server = uvicorn.Server(uvicorn_config(create_app(settings, store=store), settings))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
+def serving(tmp_path: Path, store_type: type[SQLiteStore]) -> Iterator[str]:
+    """A live server on ``store_type``; its ws:// URL. Stopped (every connection
+    handled to its end) before the test asserts on the log."""
+    server = LiveServer(data_dir=tmp_path, store_type=store_type)
+    server.start()
     try:
-        yield url
+        yield server.ws_url
     finally:
-        server.should_exit = True
-        thread.join(10)
+        server.stop()
+
+
+def close_of(ws: Any) -> tuple[int, str]:
+    """The close code and reason the server ended ``ws`` with, at its next frame."""
+    with pytest.raises(ConnectionClosed) as closed:
+        ws.recv(5)
+    assert closed.value.rcvd is not None
+    return closed.value.rcvd.code, closed.value.rcvd.reason
 
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -69,34 +68,24 @@ def test_catch_up_failure_closes_1011_over_real_sockets(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    store = CatchUpFails(tmp_path / "t.db")
-    with serving(tmp_path, store) as url:
+    with serving(tmp_path, CatchUpFails) as url:
         with connect(url + "/ws/ingest", additional_headers=AUTH) as trainer:
             trainer.send(msgspec.msgpack.encode(Hello(v=PROTOCOL_VERSION, run=SPEC)))
             trainer.recv(5)
             with connect(url + "/ws/dashboard", additional_headers=AUTH) as dash:
                 dash.recv(5), dash.recv(5)
                 dash.send(json.dumps({"type": "subscribe", "run": "run-1", "after": 0}))
-                with pytest.raises(ConnectionClosed) as closed:
-                    dash.recv(5)
-                assert closed.value.rcvd is not None
-                assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (
-                    1011,
-                    "server storage error: disk I/O error",
-                )
+                assert close_of(dash) == (1011, "server storage error: disk I/O error")
     assert tracebacks(caplog) == []
 
 
 def test_list_failure_at_dashboard_open(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
-    with serving(tmp_path, ListFails(tmp_path / "t.db")) as url:
+    with serving(tmp_path, ListFails) as url:
         with connect(url + "/ws/dashboard", additional_headers=AUTH) as dash:
             dash.recv(5)
-            with pytest.raises(ConnectionClosed) as closed:
-                dash.recv(5)
-            assert closed.value.rcvd is not None
-            assert closed.value.rcvd.code == 1011
-            assert "storage error" in closed.value.rcvd.reason
+            code, reason = close_of(dash)
+            assert code == 1011 and "storage error" in reason
     assert tracebacks(caplog) == []
 
 
@@ -104,24 +93,18 @@ def test_ingest_failure_closes_1011_over_real_sockets(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    with serving(tmp_path, AppendFails(tmp_path / "t.db")) as url:
+    with serving(tmp_path, AppendFails) as url:
         with connect(url + "/ws/ingest", additional_headers=AUTH) as trainer:
             trainer.send(msgspec.msgpack.encode(Hello(v=PROTOCOL_VERSION, run=SPEC)))
             trainer.recv(5)
             trainer.send(msgspec.msgpack.encode(Batch(seq=1, rows=[(0, 1.0, {"x": 1.0})])))
-            with pytest.raises(ConnectionClosed) as closed:
-                trainer.recv(5)
-            assert closed.value.rcvd is not None
-            assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (
-                1011,
-                "server storage error: database or disk is full",
-            )
+            assert close_of(trainer) == (1011, "server storage error: database or disk is full")
     assert tracebacks(caplog) == []
 
 
 def test_normal_disconnects_log_nothing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
-    with serving(tmp_path, SQLiteStore(tmp_path / "t.db")) as url:
+    with serving(tmp_path, SQLiteStore) as url:
         with connect(url + "/ws/ingest", additional_headers=AUTH) as trainer:
             trainer.send(msgspec.msgpack.encode(Hello(v=PROTOCOL_VERSION, run=SPEC)))
             trainer.recv(5)
@@ -138,5 +121,4 @@ def test_normal_disconnects_log_nothing(tmp_path: Path, caplog: pytest.LogCaptur
                     ws.send(msgspec.msgpack.encode(Hello(v=PROTOCOL_VERSION, run=SPEC)))
                 ws.recv(5)
                 ws.socket.close()
-        time.sleep(0.5)
-    assert tracebacks(caplog) == []
+    assert tracebacks(caplog) == []  # the server stopped: every drop was handled
