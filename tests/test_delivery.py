@@ -60,6 +60,27 @@ def test_an_outage_and_its_end_are_each_said_once(
     assert caplog.text.count(f"reconnected to {run._sender.url}") == 1
 
 
+def test_a_server_stopped_is_said_to_have_gone_away_not_to_be_unreachable(
+    live_server: LiveServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server stopping (`trainwire stop`, a restart) closes with 1012; the trainer
+    said "unreachable ([Errno 32] Broken pipe)", as if something were wrong here."""
+    caplog.set_level(logging.INFO, logger="trainwire.client")
+    run = trainwire.init(url=live_server.url)
+    run.log({"x": 0.0})
+    assert wait_until(lambda: run.delivered, 10_000 * MS)
+    live_server.stop()
+    run.log({"x": 1.0})  # sent, or found closed, by a sender that slept through the stop
+    assert wait_until(lambda: "went away" in caplog.text, 10_000 * MS)
+    assert "went away (service restart); rows are kept" in caplog.text
+    assert "unreachable" not in caplog.text
+    live_server.start()
+    run.finish(timeout=20_000 * MS)
+    assert run.delivered
+    assert stored_steps(live_server, run.id, "x") == [0, 1]
+    assert caplog.text.count(f"reconnected to {run._sender.url}") == 1
+
+
 def test_offline_runs_are_written_to_a_file_and_synced_once_however_often(
     live_server: LiveServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

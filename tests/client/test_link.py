@@ -157,6 +157,30 @@ def test_a_close_frame_surfaces_with_the_server_s_code_and_reason() -> None:
     assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4401, "bad token")
 
 
+def test_a_send_after_the_server_closed_and_left_raises_its_close_not_a_broken_pipe() -> None:
+    """uvicorn stopping (`trainwire stop`) sends 1012 and closes the socket. The
+    sender, asleep between flushes, learns of it from its next send: the close frame
+    in the receive buffer says why, where the send alone says "Broken pipe"."""
+    gone = threading.Event()
+
+    def restart(conn: socket.socket, protocol: ServerProtocol) -> None:
+        protocol.send_close(1012)
+        _send(conn, protocol)
+        conn.close()
+        gone.set()
+
+    with server(restart) as url:
+        link = open_link(url)
+        assert gone.wait(5000 * MS)
+        with pytest.raises(ConnectionClosedError) as raised:
+            # The first send may still be taken by the kernel; the peer's reset
+            # then fails the next.
+            for _ in range(100):
+                link.send(b"a batch")
+        assert raised.value.rcvd is not None and raised.value.rcvd.code == 1012
+        link.close()
+
+
 def test_a_refused_upgrade_raises_invalid_status() -> None:
     with server(lambda conn, protocol: None, status=403) as url:
         with pytest.raises(InvalidStatus) as refused:

@@ -175,7 +175,7 @@ class Link:
         except InvalidState:
             self._read(0.0)  # the server's close frame, if it is here, says why
             raise self._closed() from None
-        self._flush()
+        self._flush_or_closed()
 
     def receive(self, timeout: float) -> list[bytes | str]:
         """Messages that arrive within ``timeout`` seconds (0: those already here), as
@@ -214,7 +214,7 @@ class Link:
         elif now >= self._next_ping:
             self._ping_sent_at = now
             self._protocol.send_ping(b"")
-            self._flush()
+            self._flush_or_closed()
 
     def next_deadline(self) -> float:
         """When :meth:`keepalive` next has something to do (a ``time.monotonic``)."""
@@ -268,7 +268,13 @@ class Link:
             self._protocol.receive_eof()
         for event in self._protocol.events_received():
             self._take(event)
-        self._flush()  # pongs to the server's pings, the reply to its close frame
+        try:
+            self._flush()  # pongs to the server's pings, the reply to its close frame
+        except OSError:
+            if self._protocol.close_rcvd is None:
+                raise
+            # The server closed and is gone: no reply can reach it, and its close
+            # frame, not the broken pipe, says why.
         if self._protocol.close_rcvd is not None or self._protocol.state is State.CLOSED:
             raise self._closed()
         return True
@@ -290,6 +296,27 @@ class Link:
                 first, data = self._fragments[0], b"".join(f.data for f in self._fragments)
                 self._fragments = []
                 self._messages.append(data.decode() if first.opcode is Opcode.TEXT else data)
+
+    def _flush_or_closed(self) -> None:
+        """:meth:`_flush`, where a send that fails because the server closed first (a
+        restart, ``trainwire stop``: uvicorn sends 1012, then closes the socket) raises
+        that close, read from the receive buffer, rather than the broken pipe it caused.
+
+        Raises:
+            ConnectionClosedError: the server closed the connection, with its code.
+            OSError: the send failed, and no close frame from the server explains it.
+        """
+        try:
+            self._flush()
+        except OSError:
+            try:
+                self._read(0.0)
+            except ConnectionClosedError as closed:
+                if closed.rcvd is not None:
+                    raise closed from None
+            except OSError:
+                pass  # nothing more to read: the send's error stands
+            raise
 
     def _flush(self) -> None:
         for data in self._protocol.data_to_send():

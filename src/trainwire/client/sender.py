@@ -19,6 +19,7 @@ from collections import deque
 from typing import Any, Final
 
 from websockets.exceptions import ConnectionClosedError, InvalidStatus, WebSocketException
+from websockets.frames import CloseCode
 
 from trainwire.client.link import Link
 from trainwire.client.notice import notice
@@ -262,6 +263,15 @@ class Sender(threading.Thread):
                     # Refused by the server (a token, a limit, a version): say why.
                     reason = exc.rcvd.reason if exc.rcvd is not None else ""
                     self._warn_once(f"close:{code}", "trainwire server %s refused: %s", url, reason)
+                elif code in (CloseCode.GOING_AWAY, CloseCode.SERVICE_RESTART):
+                    # `trainwire stop`, a restart, a deploy: nothing is wrong here.
+                    self._warn_once(
+                        "connect",
+                        "trainwire server %s went away (%s); rows are kept and sent "
+                        "when it is back",
+                        url,
+                        CloseCode(code).name.lower().replace("_", " "),
+                    )
                 else:
                     self._warn_once(
                         "connect", "trainwire server %s unreachable (%s); retrying", url, exc
