@@ -3,10 +3,13 @@ resume and crash detection, against a real server on port 0."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
+import multiprocessing
 import os
+import pickle
 import subprocess
 import sys
 import threading
@@ -143,6 +146,34 @@ def test_a_forked_child_neither_breaks_nor_duplicates_the_run(live_server: LiveS
         finally:
             os._exit(0)
     assert os.waitpid(pid, 0)[1] == 0
+    run.log({"x": 1.0})
+    run.finish()
+    assert run.delivered
+    assert live_server.store.metrics(run.id)[1]["x"].value == [0.0, 1.0]
+
+
+def _log_in_spawned_child(run: trainwire.Run) -> None:
+    run.log({"x": 99.0})
+    run.finish()
+    if run.state.value != "detached" or run.path.exists():
+        raise SystemExit(1)
+
+
+def test_a_run_pickled_into_a_spawned_worker_is_a_detached_copy(live_server: LiveServer) -> None:
+    """A DataLoader worker under spawn or forkserver (macOS's, Windows's, and Linux's
+    from Python 3.14) is handed its dataset pickled: one holding the run raised
+    "cannot pickle '_thread.lock' object" at the loader's first iteration."""
+    run = trainwire.init(url=live_server.url)
+    run.log({"x": 0.0})
+    copied = pickle.loads(pickle.dumps(run))
+    assert (copied.id, copied.url, copied.path) == (run.id, run.url, run.path)
+    assert copied.state.value == "detached" and not copied._sender.is_alive()
+    assert copy.copy(run) is run and copy.deepcopy({"run": run})["run"] is run
+    child = multiprocessing.get_context("spawn").Process(target=_log_in_spawned_child, args=(run,))
+    child.start()
+    child.join(30_000 * MS)
+    assert child.exitcode == 0
+    copied.finish()
     run.log({"x": 1.0})
     run.finish()
     assert run.delivered

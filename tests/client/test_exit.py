@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+from tests.conftest import MS, LiveServer, wait_until
 
 import trainwire
 from trainwire.client import run as run_module
+from trainwire.client.spool import SpillingOutbox
+from trainwire.protocol.messages import Batch, Finish
 
 UNREACHABLE = "http://127.0.0.1:9"  # the discard port: refused at once
 
@@ -72,3 +77,78 @@ def test_ctrl_c_during_the_exit_wait_saves_the_rows_and_exits_at_once(tmp_path: 
     assert time.monotonic() - interrupted < 10  # not the rest of the 30 s
     assert "Traceback" not in rest, rest
     assert path.exists()
+
+
+def test_ctrl_c_during_finish_saves_the_rows_before_it_stops_the_script() -> None:
+    """Ctrl-C on a finish() waiting on a server away (the `with` block's too) went
+    straight through: the run was no longer open, so the exit saved nothing, and the
+    daemon sender died with the script and every row it held in memory."""
+    run = trainwire.init(url=UNREACHABLE)
+    for step in range(100):
+        run.log({"x": float(step)}, step=step)
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def interrupt() -> None:  # once finish() has told the sender and waits for it
+        if wait_until(run._sender._closing.is_set, 5000 * MS):
+            signal.pthread_kill(main, signal.SIGINT)
+
+    # A test runner may run with SIGINT ignored; a terminal's script does not.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Thread(target=interrupt, daemon=True).start()
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            run.finish(timeout=30)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert time.monotonic() - started < 10  # not the rest of the 30 s
+    assert run._sender.ended.is_set()
+    outbox = SpillingOutbox.open_existing(run.path)
+    try:
+        items = outbox.items(1, 10)
+    finally:
+        outbox.close()
+    assert [row[0] for item in items if isinstance(item, Batch) for row in item.rows] == list(
+        range(100)
+    )
+    assert isinstance(items[-1], Finish)
+
+
+def _train_left_open(url: str, run_id: str, ending: str) -> None:
+    run = trainwire.init(url=url, id=run_id, flush_interval=60.0)  # nothing sent before the end
+    for step in range(100):
+        run.log({"x": float(step)}, step=step)
+    if ending == "raise":
+        raise RuntimeError("CUDA out of memory (a stand-in)")
+    if ending == "exit 3":
+        sys.exit(3)
+
+
+@pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")
+@pytest.mark.parametrize(
+    ("method", "ending", "exitcode", "status"),
+    [
+        ("fork", "return", 0, "finished"),
+        ("forkserver", "return", 0, "finished"),
+        ("fork", "raise", 1, "crashed"),
+        ("fork", "exit 3", 3, "crashed"),
+    ],
+)
+def test_a_run_left_open_in_a_multiprocessing_child_is_finished_as_it_exits(
+    live_server: LiveServer, method: str, ending: str, exitcode: int, status: str
+) -> None:
+    """A multiprocessing child ends with os._exit, which runs no atexit hook: a run
+    a sweep's worker left open lost the rows of its last flush and its end. A
+    target that raises (multiprocessing prints it; excepthook never sees it) or
+    exits non-zero ends it crashed."""
+    run_id = f"worker-{method}-{ending.replace(' ', '-')}"
+    child = multiprocessing.get_context(method).Process(
+        target=_train_left_open, args=(live_server.url, run_id, ending)
+    )
+    child.start()
+    child.join(30_000 * MS)
+    assert child.exitcode == exitcode
+    run = live_server.store.get_run(run_id)
+    assert run is not None and run.status == status
+    assert live_server.store.metrics(run_id)[1]["x"].step == list(range(100))

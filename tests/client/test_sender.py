@@ -204,3 +204,34 @@ def test_init_refuses_a_config_the_server_would_refuse() -> None:
     with pytest.raises(ConfigError, match="deeper than"):
         trainwire.init(mode="offline", config=deep)
     trainwire.init(mode="offline", config={"model": {"layers": [{"width": 64}]}}).finish()
+
+
+@pytest.mark.parametrize(
+    ("run_id", "problem"),
+    [
+        ("sweep/lr-0.1", "without /"),
+        ("..", "without /"),
+        ("a\\b", "without /"),
+        ("tab\there", "control characters"),
+        ("x" * 256, "longer than 255 bytes"),
+        ("é" * 128, "longer than 255 bytes"),
+    ],
+)
+def test_init_refuses_a_run_id_no_page_or_file_could_name(
+    run_id: str, problem: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Taken, such an id lost the run: with a / the run was stored but no REST route
+    or dashboard page could reach it, and its file went elsewhere (..); too long
+    for a file name, an offline run's file was never written (a traceback instead)."""
+    with pytest.raises(ConfigError, match=problem):
+        trainwire.init(mode="offline", id=run_id)
+    with pytest.raises(ConfigError, match=problem):
+        trainwire.init(mode="offline", resume=run_id)
+    monkeypatch.setenv("TRAINWIRE_RUN_ID", run_id)
+    with pytest.raises(ConfigError, match=problem):
+        trainwire.init(mode="offline")
+    monkeypatch.delenv("TRAINWIRE_RUN_ID")
+    run = trainwire.init(mode="offline", id="sweep-lr-0.1 (seed 3)" + "x" * 230)
+    run.log({"x": 1.0})
+    run.finish()
+    assert run.path.exists()

@@ -34,6 +34,7 @@ from trainwire.client.spool import SpillingOutbox, new_header
 from trainwire.client.system import SystemSampler
 from trainwire.client.tensors import read_cpu_scalars
 from trainwire.exceptions import ConfigError
+from trainwire.protocol.limits import run_id_problem
 from trainwire.protocol.messages import FinishStatus, RunSpec
 from trainwire.protocol.session import ClientSession
 from trainwire.settings import default_data_dir, env_port, is_loopback
@@ -244,8 +245,17 @@ class Run:
                 ", ".join(get_args(FinishStatus)),
             )
             status = "crashed"
-        if self._close(status, timeout):
-            self._wait_for_sender(timeout)
+        try:
+            if self._close(status, timeout):
+                self._wait_for_sender(timeout)
+        except KeyboardInterrupt:
+            # Ctrl-C while finish() waits on a server away: the script is about to
+            # exit, and the daemon sender with it, holding the rows in memory. The
+            # run is no longer open, so the exit's finish would not save them either.
+            if self.state is RunState.FINISHED and not self._sender.ended.is_set():
+                logger.warning("trainwire: interrupted; saving what was not delivered")
+                _save_now([self], status)
+            raise
 
     def _close(self, status: FinishStatus, timeout: float) -> bool:
         """finish()'s first half: no more rows; the sender delivers what is left and
@@ -326,6 +336,22 @@ class Run:
         self.state = RunState.DETACHED
         self._lock = threading.Lock()  # the parent's may have been held at fork time
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled into another process: a DataLoader worker under spawn or forkserver
+        # (the start methods of macOS and Windows, and of Linux from Python 3.14)
+        # handed a dataset that holds the run. Its copy is detached, as a forked
+        # child's is; the sender's thread and lock made pickling raise instead.
+        spec = self._sender.session.run
+        return (_detached_copy, (spec, self.server_url, self.url, self.path, self.rank))
+
+    def __copy__(self) -> Run:
+        # A handle on the run, as a logging.Logger is on its log: a copied trainer,
+        # or model wrapper, logs into the same run (a detached copy would drop it all).
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Run:
+        return self
+
     def __enter__(self) -> Run:
         return self
 
@@ -339,6 +365,15 @@ class Run:
 
     def __repr__(self) -> str:
         return f"<Run {self.id} {self.project}/{self.name} {self.state.value}>"
+
+
+def _detached_copy(
+    spec: RunSpec, server_url: str | None, url: str | None, path: Path, rank: int | None
+) -> Run:
+    """A run unpickled: its ``log()`` and ``finish()`` do nothing (see Run.__reduce__)."""
+    run = Run(spec, None, data_dir=path.parents[2], rank=rank, enabled=False)
+    run.server_url, run.url, run.path = server_url, url, path
+    return run
 
 
 _live_runs: set[Run] = set()  # running, until finish(): strong, see _FinishAtExit
@@ -360,8 +395,10 @@ class _FinishAtExit:
     def __init__(self) -> None:
         self.installed = False
         self.uncaught = False
+        self._finalizer_pid: int | None = None
 
     def install(self) -> None:
+        self._install_in_multiprocessing()
         if self.installed:
             return
         self.installed = True
@@ -378,6 +415,25 @@ class _FinishAtExit:
 
         sys.excepthook = excepthook
         atexit.register(self.finish_open_runs)
+
+    def _install_in_multiprocessing(self) -> None:
+        # A multiprocessing child started by fork or forkserver (a sweep's worker;
+        # Linux's default methods) ends with os._exit, which runs no atexit hook: its
+        # open runs lost their last rows and their end. It runs multiprocessing's own
+        # finalizers first, from a registry each child starts empty: one per process.
+        util = sys.modules.get("multiprocessing.util")
+        if util is not None and self._finalizer_pid != os.getpid():
+            self._finalizer_pid = os.getpid()
+            util.Finalize(None, self._finish_in_child, exitpriority=0)
+
+    def _finish_in_child(self) -> None:
+        # multiprocessing runs its finalizers in a `finally` around the target, so an
+        # exception on its way out, which it prints and never hands to excepthook,
+        # is still sys.exc_info() here: the run ended by it is crashed.
+        exc = sys.exc_info()[1]
+        if exc is not None and not (isinstance(exc, SystemExit) and exc.code in (0, None)):
+            self.uncaught = True
+        self.finish_open_runs()
 
     def finish_open_runs(self, timeout: float = DEFAULT_FINISH_TIMEOUT) -> None:
         """Every open run at once: their senders deliver side by side, within one
@@ -405,14 +461,20 @@ class _FinishAtExit:
                 waiting.pop(0)
         except KeyboardInterrupt:
             logger.warning("trainwire: interrupted; saving what was not delivered")
-            for run in waiting:
-                run._sender.close(status, 0.0)  # out of time now: the sender saves
-            for run in waiting:
-                # Not join(): the interrupted one took its sender for ended.
-                ended = run._sender.ended
-                if not ended.wait(SENDER_GRACE) and run._sender.saving:
-                    ended.wait(SAVE_WAIT)
-                run._report()
+            _save_now(waiting, status)
+
+
+def _save_now(runs: list[Run], status: FinishStatus) -> None:
+    """Out of time (Ctrl-C): each sender saves what is not delivered to its run's
+    file, side by side; returns once they have, then says what was not delivered."""
+    for run in runs:
+        run._sender.close(status, 0.0)
+    for run in runs:
+        # Not join(): the interrupted one took its sender for ended.
+        ended = run._sender.ended
+        if not ended.wait(SENDER_GRACE) and run._sender.saving:
+            ended.wait(SAVE_WAIT)
+        run._report()
 
 
 NOTICE_AFTER: Final = 1.0  # an exit's finish that takes longer than this is said
@@ -539,8 +601,9 @@ def init(
         the run; also the target of :func:`trainwire.log` and :func:`trainwire.finish`.
 
     Raises:
-        ConfigError: a bad ``url``, ``mode`` or ``ranks``, or ``ranks="all"`` without
-            a shared run id.
+        ConfigError: a bad ``url``, ``mode``, ``ranks`` or run id (``id``, ``resume``
+            or from the environment: a path separator, control characters, or over
+            255 bytes), or ``ranks="all"`` without a shared run id.
         TransientError: no local server could be started (only when no url is given).
     """
     global _current
@@ -559,6 +622,9 @@ def init(
                 "TRAINWIRE_RUN_ID in the job's environment"
             )
     run_id = run_id or _new_run_id()
+    problem = run_id_problem(run_id)
+    if problem is not None:
+        raise ConfigError(problem)
     spec = RunSpec(
         id=run_id,
         project=project,

@@ -26,6 +26,7 @@ __all__ = [
     "key_name_problem",
     "key_problem",
     "nests_deeper_than",
+    "run_id_problem",
 ]
 
 MAX_KEY_LENGTH: Final = 200
@@ -49,6 +50,8 @@ BATCH_VALUES: Final = 16_384
 # those pages for everyone, for good. Real configs nest a few levels; 32 leaves them
 # room, and any stack far more.
 MAX_CONFIG_DEPTH: Final = 32
+# A run id names a directory of the client's run files: a file system's name limit.
+MAX_RUN_ID_BYTES: Final = 255
 
 
 def key_problem(
@@ -73,6 +76,20 @@ def key_name_problem(key: str, max_length: int = MAX_KEY_LENGTH) -> str | None:
         return f"metric keys must have 1 to {max_length} characters"
     if not key.isprintable():
         return f"metric key {key[:40]!r} has control characters"
+    return None
+
+
+def run_id_problem(run_id: str) -> str | None:
+    """Why ``run_id`` cannot name a run; None if it can. Every such id was taken,
+    and then its run lost: a separator made the run unreachable from the dashboard
+    and the REST API (``/api/runs/{run_id}`` is one path segment) and put its file
+    elsewhere (``..``), and a name too long for the file system lost the run file."""
+    if not run_id or run_id in (".", "..") or "/" in run_id or "\\" in run_id:
+        return f"run id {run_id!r} must be a name, without / or \\"
+    if not run_id.isprintable():
+        return f"run id {run_id[:40]!r} has control characters"
+    if len(run_id.encode()) > MAX_RUN_ID_BYTES:
+        return f"run id {run_id[:40]!r}... is longer than {MAX_RUN_ID_BYTES} bytes"
     return None
 
 
