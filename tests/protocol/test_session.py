@@ -297,6 +297,21 @@ def test_config_and_env_may_nest_32_levels_and_no_more(field: str) -> None:
     assert (info.value.code, info.value.reason) == (1003, f"{field} nested deeper than 32 levels")
 
 
+@pytest.mark.parametrize("run_id", ["", "..", "sweep/lr-0.1", "a\\b", "tab\there", "x" * 256])
+def test_server_refuses_a_run_id_no_route_could_name(run_id: str) -> None:
+    """Clients other than ours (or older ones) may send any id: "sweep/lr-0.1" was
+    stored, and no REST route or dashboard page could reach it."""
+    run = {"id": run_id, "project": "p", "name": "n"}
+    with pytest.raises(ProtocolError, match="run id") as info:
+        ServerSession().receive_frame(enc({"type": "hello", "v": PROTOCOL_VERSION, "run": run}))
+    assert info.value.code == 1003
+    run["id"] = "sweep-lr-0.1 (é)"
+    assert isinstance(
+        ServerSession().receive_frame(enc({"type": "hello", "v": PROTOCOL_VERSION, "run": run})),
+        Hello,
+    )
+
+
 def test_server_refuses_a_second_hello_and_seq_zero() -> None:
     server = ServerSession()
     server.receive_frame(enc(Hello(v=PROTOCOL_VERSION, run=SPEC)))

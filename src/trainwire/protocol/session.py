@@ -25,6 +25,7 @@ from trainwire.protocol.limits import (
     MAX_ROWS_PER_BATCH,
     key_name_problem,
     nests_deeper_than,
+    run_id_problem,
 )
 from trainwire.protocol.messages import (
     PROTOCOL_VERSION,
@@ -345,6 +346,11 @@ class ServerSession:
                     )
                 if self.run is not None:
                     raise ProtocolError("hello sent twice", code=1008)
+                # The id is a path segment of every route of the run: one with a
+                # separator would be stored where no page or REST call reaches it.
+                problem = run_id_problem(run.id)
+                if problem is not None:
+                    raise ProtocolError(problem)
                 for name, value in (("config", run.config), ("env", run.env)):
                     if nests_deeper_than(value, MAX_CONFIG_DEPTH):
                         raise ProtocolError(f"{name} nested deeper than {MAX_CONFIG_DEPTH} levels")
