@@ -86,6 +86,30 @@ def test_cpu_tensors_logged_arrive_as_their_values(live_server: LiveServer) -> N
     assert "v" not in series and run._sender.dropped_values == 3
 
 
+def test_nested_dicts_are_logged_under_slash_joined_keys(live_server: LiveServer) -> None:
+    """{"train": {"loss": x}}, as wandb's users log, was dropped as "dict is not a
+    number". It is "train/loss" now ("/" groups charts), copied in log(): a dict the
+    caller reuses after log() returns does not change what was logged."""
+    run = trainwire.init(url=live_server.url)
+    weight = torch.ones(3, requires_grad=True)
+    reused: dict[str, Any] = {"acc": 0.5}
+    too_deep: dict[str, Any] = {}
+    too_deep["self"] = too_deep
+    for step in range(3):
+        reused["acc"] = step / 10
+        run.log({"train": {"loss": (weight * step).sum(), "eval": reused}, "lr": 0.1}, step=step)
+        run.log({"only": {"plain": float(step)}}, step=step)
+        reused["acc"] = -1.0  # after log() returned
+    run.log({"loop": too_deep, "x": 1.0}, step=3)
+    run.finish()
+    series = live_server.store.metrics(run.id)[1]
+    assert series["train/loss"].value == [0.0, 3.0, 6.0]
+    assert series["train/eval/acc"].value == [0.0, 0.1, 0.2]
+    assert series["only/plain"].value == [0.0, 1.0, 2.0]
+    assert series["lr"].value == [0.1] * 3 and series["x"].value == [1.0]
+    assert run._sender.dropped_values == 1  # the map past 8 levels
+
+
 def test_log_keeps_an_accelerator_tensor_with_its_version_counter() -> None:
     """A tensor not on the CPU (here the meta device) is read later, by the sender:
     log() notes its version, to tell a change in place from the logged value."""

@@ -34,10 +34,11 @@ from __future__ import annotations
 
 import sys
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
-__all__ = ["Logged", "TensorResolver", "is_tensor", "read_cpu_scalars"]
+__all__ = ["Logged", "TensorResolver", "flatten", "is_tensor", "read_cpu_scalars"]
 
 Row = tuple[int, float, dict[str, Any]]
 
@@ -73,17 +74,19 @@ class Logged:
 _tensor_types: set[type] = set()
 
 
-def read_cpu_scalars(values: dict[Any, Any]) -> bool:
+def read_cpu_scalars(values: dict[Any, Any], *, maps: bool = True) -> bool:
     """Replace, in place, each one-number CPU tensor in ``values`` by its number.
 
     Runs on the training thread, in ``log()``: Python numbers cost one type check;
     a tensor on any other device, or one ``.item()`` refuses, is left for the sender.
+    Nested maps are flattened first (:func:`flatten`), unless ``maps`` is False.
 
     Returns:
         True if every value is now a float and every key a str: a row the sender
         can send as it is.
     """
     plain = True
+    nested = False
     for key, value in values.items():
         if type(key) is not str:
             plain = False
@@ -93,6 +96,7 @@ def read_cpu_scalars(values: dict[Any, Any]) -> bool:
         if kind not in _tensor_types:
             if not is_tensor(value):
                 plain = False  # an int, a numpy scalar, ...: the sender converts it
+                nested = nested or (maps and isinstance(value, Mapping))
                 continue
             _tensor_types.add(kind)
         if value.is_cpu:
@@ -106,7 +110,30 @@ def read_cpu_scalars(values: dict[Any, Any]) -> bool:
         else:
             plain = False  # a GPU tensor: the sender reads it once its copy is done
             values[key] = Logged(value)
+    if nested:
+        flat = flatten(values)
+        values.clear()
+        values.update(flat)
+        return read_cpu_scalars(values, maps=False)  # maps nested too deep stay
     return plain
+
+
+MAX_NESTING: Final = 8  # deeper maps stay maps, and are dropped as no number
+
+
+def flatten(values: Mapping[Any, Any], prefix: str = "", depth: int = 1) -> dict[Any, Any]:
+    """``{"train": {"loss": x}}`` as ``{"train/loss": x}``: "/" is the dashboard's
+    group separator, and what wandb's users log nested. Copied here, in ``log()``,
+    since the caller may reuse its dicts once ``log()`` returns; top-level keys are
+    kept as they are (the sender names them)."""
+    flat: dict[Any, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}/{key}" if prefix else key
+        if isinstance(value, Mapping) and depth < MAX_NESTING and not is_tensor(value):
+            flat.update(flatten(value, str(name), depth + 1))
+        else:
+            flat[name] = value
+    return flat
 
 
 @dataclass
