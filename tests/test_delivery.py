@@ -218,6 +218,39 @@ def test_resume_continues_a_run_after_the_script_restarts(live_server: LiveServe
     assert [r.status for r in live_server.store.list_runs()] == ["finished"]
 
 
+def test_a_resumed_run_numbers_rows_without_a_step_on_from_its_last(
+    live_server: LiveServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """log() without step= counted from 0 again in a resumed script, its points
+    landing on the old ones. It goes on from the run's last training step (not a
+    system metric's, whose steps are seconds)."""
+    caplog.set_level(logging.WARNING, logger="trainwire.client")
+    with trainwire.init(url=live_server.url) as first:
+        for value in range(5):
+            first.log({"x": float(value)})
+        first._log_system(1000, {"system/cpu_percent": 1.0})
+    with trainwire.init(resume=first.id, url=live_server.url) as again:
+        again.log({"x": 5.0})
+        again.log({"x": 6.0})
+    assert stored_steps(live_server, first.id, "x") == list(range(7))
+    assert "last step" not in caplog.text
+    live_server.stop()  # cannot be asked: said, and counted from 0 as before
+    with trainwire.init(resume=first.id, url=live_server.url) as blind:
+        blind.log({"y": 0.0})
+        live_server.start()
+    assert f"could not read run {first.id}'s last step" in caplog.text
+    assert stored_steps(live_server, first.id, "y") == [0]
+
+
+def test_a_resumed_rank_goes_on_from_its_own_last_step(live_server: LiveServer) -> None:
+    for rank, step in ((0, 10), (1, 3)):
+        with trainwire.init(id="ddp", ranks="all", rank=rank, url=live_server.url) as run:
+            run.log({"x": 0.0}, step=step)
+    with trainwire.init(resume="ddp", ranks="all", rank=1, url=live_server.url) as again:
+        again.log({"x": 1.0})
+    assert stored_steps(live_server, "ddp", "rank1/x") == [3, 4]
+
+
 def test_a_resume_that_names_no_run_says_so(
     live_server: LiveServer, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -17,6 +17,7 @@ import secrets
 import sys
 import threading
 import time
+import urllib.error
 from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,7 +30,8 @@ from trainwire.client import environment
 from trainwire.client.config import plain_config
 from trainwire.client.local import ensure_local_server, local_token
 from trainwire.client.notice import notice
-from trainwire.client.sender import OPEN_TIMEOUT, LoggedRow, Sender
+from trainwire.client.resume import last_step
+from trainwire.client.sender import OPEN_TIMEOUT, LoggedRow, Sender, tls_context
 from trainwire.client.spool import SpillingOutbox, new_header
 from trainwire.client.system import SystemSampler
 from trainwire.client.tensors import read_cpu_scalars
@@ -92,6 +94,7 @@ class Run:
         insecure: bool | None = None,
         system_metrics: bool = False,
         resume: bool = False,
+        last_step: int = -1,
     ) -> None:
         self.id = spec.id
         self.project = spec.project
@@ -139,6 +142,7 @@ class Run:
             flush_interval=flush_interval,
             token=token,
         )
+        self._sender.continue_after(last_step)
         self._system: SystemSampler | None = None
         if enabled:
             self._sender.start()
@@ -648,17 +652,57 @@ def init(
         run = Run(spec, None, rank=rank if ranks == "all" else None, **options)
     else:
         server, token = resolve_server(url, token, data_dir)
+        run_rank = rank if ranks == "all" else None
+        ingest = _ingest_url(server, insecure)  # refuses plain ws to another host first
+        last = -1 if resume is None else _resumed_step(server, ingest, token, spec.id, run_rank)
         run = Run(
             spec,
             server,
-            rank=rank if ranks == "all" else None,
+            rank=run_rank,
             token=token,
             insecure=insecure,
             resume=resume is not None,
+            last_step=last,
             **options,
         )
     _current = run
     return run
+
+
+def _resumed_step(
+    server: str, ingest: str, token: str | None, run_id: str, rank: int | None
+) -> int:
+    """The step a resumed run's ``log()`` calls without ``step=`` count on from: its
+    last on the server, or -1 (from 0) if it has none or cannot be asked."""
+    try:
+        last = last_step(
+            server,
+            token,
+            run_id,
+            rank=rank,
+            ssl_context=tls_context() if ingest.startswith("wss:") else None,
+        )
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        if exc.code != 404:  # 404: a run new to the server, which its welcome says
+            logger.warning(
+                "trainwire could not read run %s's last step (%s %s): log() calls "
+                "without step= count from 0",
+                run_id,
+                exc.code,
+                exc.reason,
+            )
+        return -1
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        logger.warning(
+            "trainwire could not read run %s's last step from %s (%s): log() calls "
+            "without step= count from 0",
+            run_id,
+            server,
+            exc,
+        )
+        return -1
+    return -1 if last is None else last
 
 
 def resolve_server(url: str | None, token: str | None, data_dir: Path) -> tuple[str, str | None]:

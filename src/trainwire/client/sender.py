@@ -431,6 +431,11 @@ class Sender(threading.Thread):
         stretched = self.flush_interval * rate / STRETCH_RATE
         return max(self.flush_interval, min(stretched, MAX_FLUSH_INTERVAL))
 
+    def continue_after(self, step: int) -> None:
+        """Number rows logged without a step from ``step + 1`` (a resumed run's last
+        step). Before :meth:`start` only: the thread owns the count once started."""
+        self._last_step = step
+
     def _drain(self) -> int:
         """Convert and queue what was logged; returns how many ``log()`` rows it took."""
         # Read before the queue is drained: finish() sets it after the user's last
