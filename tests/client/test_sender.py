@@ -153,6 +153,21 @@ def test_a_key_that_cannot_be_made_a_string_costs_its_own_value_only() -> None:
     assert s.dropped_values == 1
 
 
+def test_a_value_dropped_is_said_in_the_user_s_terms(caplog: pytest.LogCaptureFixture) -> None:
+    """2**2000 was "int is not a number", and a vector "Tensor is not a number"."""
+    torch = pytest.importorskip("torch")
+    s = sender(0.02)
+    row = {"huge": 2**2000, "vec": torch.ones(3), "name": "adam", "one": torch.ones(1, 1)}
+    s.queue.append((0, 1.0, row, False))
+    s._drain()
+    said = [r.getMessage() for r in caplog.records]
+    assert "trainwire dropped the value of 'huge': int too large for a float" in said
+    assert "trainwire dropped the value of 'vec': Tensor of shape [3] is not one number" in said
+    assert "trainwire dropped the value of 'name': str is not a number" in said
+    [batch] = s.session.outbox.items(1, 10)
+    assert batch.rows == [(0, 1.0, {"one": 1.0})] and s.dropped_values == 3
+
+
 def test_log_marks_what_it_cannot_vouch_for_and_every_value_arrives(
     live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

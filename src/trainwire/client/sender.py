@@ -9,6 +9,7 @@ thread, never on the training thread.
 from __future__ import annotations
 
 import logging
+import math
 import operator
 import os
 import random
@@ -517,7 +518,7 @@ class Sender(threading.Thread):
                         f"value:{name}",
                         "trainwire dropped the value of %s: %s",
                         "a key" if name is None else repr(name),
-                        f"{type(raw).__name__} is not a number"
+                        _not_a_number(raw)
                         if name is not None
                         else f"its {type(key).__name__} key cannot be made a string",
                     )
@@ -617,6 +618,19 @@ class Sender(threading.Thread):
         if topic not in self._warned:
             self._warned.add(topic)
             logger.warning(message, *args)
+
+
+def _not_a_number(raw: object) -> str:
+    """Why a logged value is no number, in the user's terms."""
+    if isinstance(raw, int):  # 2**2000: float() overflows
+        return "int too large for a float"
+    try:  # a tensor or an array of several numbers: log one (loss.mean()), or each
+        shape = getattr(raw, "shape", None)
+        if shape is not None and math.prod(shape) != 1:
+            return f"{type(raw).__name__} of shape {list(shape)} is not one number"
+    except Exception:  # noqa: BLE001, S110 - a user's object: its type says enough
+        pass
+    return f"{type(raw).__name__} is not a number"
 
 
 def _key_name(key: object) -> str | None:
