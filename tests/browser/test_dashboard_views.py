@@ -8,11 +8,12 @@ section) so a person can look at them after a run of the suite.
 from __future__ import annotations
 
 import math
+import struct
 from pathlib import Path
 from typing import Any, Final
 
 import pytest
-from tests.conftest import MS, SCREENSHOTS, TOKEN, LiveServer
+from tests.conftest import MS, SCREENSHOTS, TOKEN, LiveServer, wait_until
 
 import trainwire
 
@@ -127,9 +128,12 @@ def test_overlay_smoothing_and_a_link_that_restores_the_view(
 
     # The link followed in a tab that already shows the dashboard: only the
     # fragment changes, the page does not reload, and the view must follow it.
-    page.evaluate(f"() => {{ location.hash = '#runs={b}&smooth=0.3'; }}")
+    page.evaluate(f"() => {{ location.hash = '#runs={b}&smooth=0.3&q=beta'; }}")
     wait_chart(page, "train/loss", f"f.dataset.runs === '{b}'")
     assert page.locator("#smooth").input_value() == "0.3"
+    # The run list is filtered by the link's search, and its box says so.
+    assert page.locator("li[data-run-id]").count() == 1
+    assert page.locator("#run-search").input_value() == "beta"
     assert not page.locator("#log").is_checked()
     assert page.locator("#xmode").input_value() == "step"
     assert page.locator("figure[data-key]").count() > 1  # no metric filter
@@ -232,6 +236,49 @@ def test_run_page_and_downloads(live_server: LiveServer, browser: Any, tmp_path:
     assert [line.split(",")[0] for line in lines[1:]] == ["0", "1", "2", "3", "4"]
     assert lines[3].split(",")[2] == "NaN"
     assert page.errors == []
+
+
+def test_the_run_page_shows_what_came_just_after_it_was_fetched(
+    live_server: LiveServer, browser: Any
+) -> None:
+    """The page fetches a run's summary at most every 2 s: a change within that time
+    (the run's last points, its finish) must be fetched once the 2 s are up, not
+    dropped until the run changes again, which a finished run never does."""
+    run = trainwire.init(project="views", name="short", url=live_server.url)
+    run.log({"loss": 1.0}, step=0)
+    assert wait_until(lambda: "loss" in live_server.store.summary(run.id), WAIT_MS / 1000)
+    page = open_page(browser, live_server, f"#runs={run.id}&focus={run.id}")
+    page.wait_for_selector("#run-summary tbody tr", timeout=WAIT_MS)
+    run.log({"loss": 0.5}, step=1)
+    run.finish()
+    assert run.delivered
+    page.wait_for_function(
+        "() => document.querySelector('#run-status').textContent === 'finished'",
+        timeout=WAIT_MS,
+    )
+    page.wait_for_function(
+        "() => document.querySelector('#run-summary tbody tr').textContent.includes('0.5 @ 1')",
+        timeout=WAIT_MS,
+    )
+    row = page.locator("#run-summary tbody tr").inner_text()
+    assert row.split("\t")[1:] == ["0.5 @ 1", "0.5", "1", "2"]  # last, min, max, points
+    assert page.errors == []
+
+
+def test_a_metric_a_float32_ulp_either_side_of_1_is_drawn(
+    live_server: LiveServer, browser: Any
+) -> None:
+    """uPlot rounds a padded y range of 0.99999994..1 to [1, 1]; laying out its
+    ticks then froze the page for seconds and threw, leaving the chart empty."""
+    below_one = struct.unpack("<f", struct.pack("<f", 0.99999994))[0]
+    values = [1.0 if step % 3 else below_one for step in range(30)]
+    run_id = logged_run(live_server, "float32", values)
+    page = open_page(browser, live_server, f"#runs={run_id}&metrics=loss")
+    wait_chart(page, "train/loss", "Number(f.dataset.points) === 30")
+    # uPlot lays out the chart after the frame that made it.
+    page.evaluate("() => new Promise((done) => requestAnimationFrame(() => setTimeout(done)))")
+    assert page.errors == []
+    assert page.evaluate(DRAWN, "train/loss")[1] == pytest.approx(values, abs=0)
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ const {
   backoffDelay,
   configEntries,
   decodeValue,
+  formatTicks,
   formatValue,
   groupKey,
   groupKeys,
@@ -32,6 +33,7 @@ test("the public API is exactly this", () => {
     "backoffDelay",
     "configEntries",
     "decodeValue",
+    "formatTicks",
     "formatValue",
     "groupKey",
     "groupKeys",
@@ -254,6 +256,25 @@ test("formatValue is compact for ordinary numbers", () => {
   assert.equal(formatValue(2.5e9), "2.5e+9");
   assert.equal(formatValue(null), "\u2014");
   assert.equal(formatValue(undefined), "\u2014");
+});
+
+test("formatTicks labels ticks as formatValue does when they differ", () => {
+  assert.deepEqual(formatTicks([0, 0.5, 1, 1.5]), ["0", "0.5", "1", "1.5"]);
+  assert.deepEqual(formatTicks([0, 2e9, 4e9]), ["0", "2e+9", "4e+9"]);
+  assert.deepEqual(formatTicks([null, 1, null, 2]), ["", "1", "", "2"]);
+  assert.deepEqual(formatTicks([]), []);
+});
+
+test("formatTicks adds digits until neighbouring ticks differ", () => {
+  // A zoom past a million steps: formatValue gives 1.0001e+6 twice, 1.0002e+6 twice.
+  const steps = [1000000, 1000050, 1000100, 1000150, 1000200];
+  assert.deepEqual(formatTicks(steps), ["1e+6", "1.00005e+6", "1.0001e+6", "1.00015e+6", "1.0002e+6"]);
+  // A metric moving in its sixth digit.
+  assert.deepEqual(formatTicks([12345.6, 12345.65, 12345.7]), ["12345.6", "12345.65", "12345.7"]);
+  // Any two doubles, however close, are told apart.
+  const labels = formatTicks([1, 1 + 2 ** -52]);
+  assert.notEqual(labels[0], labels[1]);
+  assert.deepEqual(labels.map(Number), [1, 1 + 2 ** -52]);
 });
 
 // ---- backoffDelay ----

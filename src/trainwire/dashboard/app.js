@@ -185,6 +185,7 @@ window.addEventListener("hashchange", () => {
   Object.assign(view, parseState(location.hash, location.search));
   zoomGeneration += 1;
   zooms.clear();
+  el.search.value = view.q; // the run list is filtered by the link's search
   syncToolbar();
   selectionChanged();
 });
@@ -487,6 +488,9 @@ function onPoints(frame) {
     const info = runs.get(id);
     if (info !== undefined && newest > info.updated) runs.set(id, { ...info, updated: newest });
   }
+  // The server announces a run's commits at most once a second: its last points may
+  // come with no announcement after them.
+  if (view.focus === id) refreshRunPage();
   if (!view.runs.includes(id)) return; // kept for when it is selected again
   if (result.added.length > 0) layoutCharts();
   for (const key of result.changed) dirty.add(key);
@@ -740,14 +744,28 @@ function renderPage() {
   if (onPage) refreshRunPage();
 }
 
+/** The run page's summary is fetched at most this often. */
+const PAGE_REFRESH_MS = 2000;
 let pageFetch = { id: null, at: 0 };
+/** A refresh asked for within PAGE_REFRESH_MS of the last fetch, waiting its turn. */
+let pageRefreshTimer = null;
 
 /** Fetch the run page's summary and environment (at most every 2 s per run). */
 async function refreshRunPage() {
   const id = view.focus;
   if (id === null) return;
   const now = performance.now();
-  if (pageFetch.id === id && now - pageFetch.at < 2000) return;
+  if (pageFetch.id === id && now - pageFetch.at < PAGE_REFRESH_MS) {
+    // Put off, not dropped: a run's last points or its finish, coming within 2 s of
+    // the last fetch, stayed off its summary for good (nothing asks again).
+    if (pageRefreshTimer === null) {
+      pageRefreshTimer = setTimeout(() => {
+        pageRefreshTimer = null;
+        refreshRunPage();
+      }, PAGE_REFRESH_MS - (now - pageFetch.at));
+    }
+    return;
+  }
   pageFetch = { id, at: now };
   let detail;
   try {

@@ -199,18 +199,38 @@ export function lastPoint(entry) {
  * digits. null/undefined give an em dash.
  *
  * @param {number|null|undefined} v
+ * @param {number} [extra] digits to show beyond those (see formatTicks)
  * @returns {string}
  */
-export function formatValue(v) {
+export function formatValue(v, extra = 0) {
   if (v === null || v === undefined) return "\u2014";
   if (!Number.isFinite(v)) return String(v);
   if (v === 0) return "0";
   const abs = Math.abs(v);
   if (abs >= 1e6 || abs < 1e-4) {
-    const [mantissa, exponent] = v.toExponential(4).split("e");
+    const [mantissa, exponent] = v.toExponential(4 + extra).split("e");
     return `${String(Number(mantissa))}e${exponent}`;
   }
-  return String(Number(v.toPrecision(6)));
+  return String(Number(v.toPrecision(6 + extra)));
+}
+
+/**
+ * Labels of an axis' ticks: formatValue's, with as many more digits as it takes for
+ * neighbouring ticks to differ. At formatValue's precision a zoom into steps past a
+ * million labelled its ticks 1.0001e+6, 1.0001e+6, 1.0002e+6, and a metric moving in
+ * its sixth digit repeated its y labels. null ticks (uPlot's gaps) are blank.
+ *
+ * @param {Array<number|null>} splits ascending tick values
+ * @returns {string[]}
+ */
+export function formatTicks(splits) {
+  let labels = [];
+  // 17 significant digits tell any two doubles apart.
+  for (let extra = 0; extra <= 12; extra++) {
+    labels = splits.map((v) => (v === null || v === undefined ? "" : formatValue(v, extra)));
+    if (labels.every((label, i) => i === 0 || label === "" || label !== labels[i - 1])) break;
+  }
+  return labels;
 }
 
 /**

@@ -3,7 +3,7 @@
 // tested in the browser tests; the data it draws is shaped by series.js.
 
 import uPlot from "./vendor/uplot/uPlot.esm.js";
-import { formatValue } from "./charts.js";
+import { formatTicks } from "./charts.js";
 import { lonePoints } from "./series.js";
 
 export const CHART_HEIGHT = 200;
@@ -57,7 +57,36 @@ function fitYAxis(u) {
   queueMicrotask(() => u.setSize({ width: u.width, height: u.height }));
 }
 
-const valueTicks = (u, splits) => splits.map((v) => (v === null ? "" : formatValue(v)));
+const valueTicks = (u, splits) => formatTicks(splits);
+
+/**
+ * Room per x tick (CSS px) for step labels: as wide as a label at the precision
+ * formatTicks will need, plus a gap. uPlot's fixed 50 px overlapped the labels of a
+ * zoom past a million steps (1.00015e+6).
+ */
+function stepSpace(u, axisIdx, min, max, dim) {
+  if (!(max > min) || !(dim > 0)) return 50;
+  const labels = formatTicks([min, min + ((max - min) * 50) / dim, max]);
+  u.ctx.font = u.axes[axisIdx].font[0];
+  const widest = Math.max(...labels.map((label) => u.ctx.measureText(label).width / devicePixelRatio));
+  return Math.max(50, Math.ceil(widest) + 16);
+}
+
+/**
+ * uPlot's own y range, unless its rounding collapses it to one value. uPlot snaps
+ * the padded range with a rounding that takes six repeated digits for float noise:
+ * a float32 metric one ulp either side of 1 (0.99999994 and 1) got the range [1, 1],
+ * and laying out its ticks then looped until Chromium threw (7 s of frozen page, an
+ * empty chart, again at each redraw). Such data is drawn flat, as uPlot draws a
+ * constant.
+ */
+function yRange(u, min, max) {
+  if (min === null || max === null) return [min, max];
+  const range = uPlot.rangeNum(min, max, 0.1, true);
+  if (range[1] > range[0]) return range;
+  const flat = uPlot.rangeNum(max, max, 0.1, true);
+  return flat[1] > flat[0] ? flat : [max - 1, max + 1];
+}
 
 /** Relative time ticks: seconds since the run started, as 0:42, 3:05, 1:02:03. */
 function formatClock(seconds) {
@@ -107,7 +136,7 @@ export function plotOptions(spec) {
   }
   const xAxis = { ...axis, size: 36 };
   if (spec.xMode === "relative") xAxis.values = (u, splits) => splits.map(formatClock);
-  else if (spec.xMode === "step") xAxis.values = valueTicks;
+  else if (spec.xMode === "step") Object.assign(xAxis, { values: valueTicks, space: stepSpace });
   return {
     width: spec.width,
     height: CHART_HEIGHT,
@@ -117,7 +146,7 @@ export function plotOptions(spec) {
       sync: { key: "trainwire" },
       points: { show: false },
     },
-    scales: { x: { time: spec.xMode === "wall" }, y: spec.log ? { distr: 3 } : {} },
+    scales: { x: { time: spec.xMode === "wall" }, y: spec.log ? { distr: 3 } : { range: yRange } },
     series,
     axes: [xAxis, { ...axis, size: axisSize, values: valueTicks }],
     hooks: {
