@@ -13,6 +13,8 @@ const {
   backoffDelay,
   configEntries,
   decodeValue,
+  formatClock,
+  formatClockTicks,
   formatTicks,
   formatValue,
   groupKey,
@@ -33,6 +35,8 @@ test("the public API is exactly this", () => {
     "backoffDelay",
     "configEntries",
     "decodeValue",
+    "formatClock",
+    "formatClockTicks",
     "formatTicks",
     "formatValue",
     "groupKey",
@@ -275,6 +279,24 @@ test("formatTicks adds digits until neighbouring ticks differ", () => {
   const labels = formatTicks([1, 1 + 2 ** -52]);
   assert.notEqual(labels[0], labels[1]);
   assert.deepEqual(labels.map(Number), [1, 1 + 2 ** -52]);
+});
+
+test("formatClock reads seconds as a clock, fractions on request", () => {
+  assert.equal(formatClock(42), "0:42");
+  assert.equal(formatClock(185), "3:05");
+  assert.equal(formatClock(3723), "1:02:03");
+  assert.equal(formatClock(-0.4), "0:00"); // timed just before the run's start
+  assert.equal(formatClock(1.25, 2), "0:01.25");
+  assert.equal(formatClock(61.5, 1), "1:01.5");
+  assert.equal(formatClock(59.96, 1), "1:00.0"); // rounds into the next minute
+});
+
+test("formatClockTicks adds decimals only where whole seconds repeat", () => {
+  assert.deepEqual(formatClockTicks([0, 30, 60, 90]), ["0:00", "0:30", "1:00", "1:30"]);
+  // A zoom into two seconds: every tick read 0:01 or 0:02 before.
+  assert.deepEqual(formatClockTicks([1, 1.5, 2, 2.5]), ["0:01.0", "0:01.5", "0:02.0", "0:02.5"]);
+  assert.deepEqual(formatClockTicks([1, 1.25, 1.5]), ["0:01.00", "0:01.25", "0:01.50"]);
+  assert.deepEqual(formatClockTicks([null, 5, 10]), ["", "0:05", "0:10"]);
 });
 
 // ---- backoffDelay ----

@@ -215,6 +215,41 @@ export function formatValue(v, extra = 0) {
 }
 
 /**
+ * Seconds since a run started as a clock: 0:42, 3:05, 1:02:03; with ``decimals``,
+ * fractions of the second (0:01.25). Negative times (the first points, timed before
+ * the server recorded the run) read as 0.
+ *
+ * @param {number} seconds
+ * @param {number} [decimals]
+ * @returns {string}
+ */
+export function formatClock(seconds, decimals = 0) {
+  const scale = 10 ** decimals;
+  const total = Math.round(Math.max(0, seconds) * scale) / scale;
+  const h = Math.floor(total / 3600);
+  const m = Math.floor((total % 3600) / 60);
+  const s = total - h * 3600 - m * 60;
+  const sec = s.toFixed(decimals).padStart(decimals > 0 ? 3 + decimals : 2, "0");
+  return h > 0 ? `${h}:${String(m).padStart(2, "0")}:${sec}` : `${m}:${sec}`;
+}
+
+/**
+ * Labels of relative-time ticks: whole seconds, or as many decimals (up to 3) as the
+ * ticks need to be written exactly (1.25 s is 0:01.25, not 0:01.3). In whole
+ * seconds, a zoom into a couple of seconds labelled every tick 0:01.
+ *
+ * @param {Array<number|null>} splits ascending tick values, in seconds
+ * @returns {string[]}
+ */
+export function formatClockTicks(splits) {
+  const ticks = splits.filter((v) => v !== null && v !== undefined);
+  let decimals = 0;
+  const exact = (d) => ticks.every((v) => Math.abs(v * 10 ** d - Math.round(v * 10 ** d)) < 1e-6);
+  while (decimals < 3 && !exact(decimals)) decimals++;
+  return splits.map((v) => (v === null || v === undefined ? "" : formatClock(v, decimals)));
+}
+
+/**
  * Labels of an axis' ticks: formatValue's, with as many more digits as it takes for
  * neighbouring ticks to differ. At formatValue's precision a zoom into steps past a
  * million labelled its ticks 1.0001e+6, 1.0001e+6, 1.0002e+6, and a metric moving in

@@ -3,7 +3,7 @@
 // tested in the browser tests; the data it draws is shaped by series.js.
 
 import uPlot from "./vendor/uplot/uPlot.esm.js";
-import { formatTicks } from "./charts.js";
+import { formatClockTicks, formatTicks } from "./charts.js";
 import { lonePoints } from "./series.js";
 
 export const CHART_HEIGHT = 200;
@@ -88,15 +88,6 @@ function yRange(u, min, max) {
   return flat[1] > flat[0] ? flat : [max - 1, max + 1];
 }
 
-/** Relative time ticks: seconds since the run started, as 0:42, 3:05, 1:02:03. */
-function formatClock(seconds) {
-  const s = Math.max(0, Math.round(seconds));
-  const h = Math.floor(s / 3600);
-  const m = Math.floor((s % 3600) / 60);
-  const pad = (n) => String(n).padStart(2, "0");
-  return h > 0 ? `${h}:${pad(m)}:${pad(s % 60)}` : `${m}:${pad(s % 60)}`;
-}
-
 /**
  * Options of one chart.
  *
@@ -135,7 +126,7 @@ export function plotOptions(spec) {
     series.push({ label: run.label, stroke: run.colour, width: 1, points: { show: false, filter: dotLonePoints, size: 6, fill: run.colour } });
   }
   const xAxis = { ...axis, size: 36 };
-  if (spec.xMode === "relative") xAxis.values = (u, splits) => splits.map(formatClock);
+  if (spec.xMode === "relative") xAxis.values = (u, splits) => formatClockTicks(splits);
   else if (spec.xMode === "step") Object.assign(xAxis, { values: valueTicks, space: stepSpace });
   return {
     width: spec.width,
