@@ -168,6 +168,22 @@ def test_a_value_dropped_is_said_in_the_user_s_terms(caplog: pytest.LogCaptureFi
     assert batch.rows == [(0, 1.0, {"one": 1.0})] and s.dropped_values == 3
 
 
+def test_a_step_with_no_fraction_is_taken_whatever_its_type(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """step=epoch * 1.0, or a numpy float64, dropped its row as "not an integer"."""
+    np = pytest.importorskip("numpy")
+    s = sender(0.02)
+    for step in (2.0, np.float64(3.0), np.int32(4), 4.5, "5", float("nan")):
+        s.queue.append((step, 1.0, {"x": 1.0}))
+    s._drain()
+    [batch] = s.session.outbox.items(1, 10)
+    assert [row[0] for row in batch.rows] == [2, 3, 4]
+    assert all(type(row[0]) is int for row in batch.rows)
+    assert s.dropped_rows == 3
+    assert "step 4.5 is not an integer" in caplog.text
+
+
 def test_log_marks_what_it_cannot_vouch_for_and_every_value_arrives(
     live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

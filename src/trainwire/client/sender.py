@@ -461,12 +461,11 @@ class Sender(threading.Thread):
                 if step is None:
                     step = last_step + 1
                 else:
-                    try:
-                        step = operator.index(step)  # numpy and torch integers, not 1.5
-                    except TypeError:
+                    step = _integer(step)
+                    if step is None:
                         self.dropped_rows += 1
                         self._warn_once(
-                            "step", "trainwire dropped a row: step %r is not an integer", step
+                            "step", "trainwire dropped a row: step %r is not an integer", row[0]
                         )
                         continue
                 marked = True  # rebuilt below with its step
@@ -618,6 +617,22 @@ class Sender(threading.Thread):
         if topic not in self._warned:
             self._warned.add(topic)
             logger.warning(message, *args)
+
+
+def _integer(step: object) -> int | None:
+    """A logged step as an int: numpy and torch integers, and floats with no fraction
+    (``step=epoch * 1.0``, a numpy float64); None for 1.5, NaN or anything else."""
+    try:
+        return operator.index(step)  # type: ignore[arg-type]
+    except TypeError:
+        pass
+    if isinstance(step, (str, bytes)):
+        return None  # "3" is a name, not a step
+    try:
+        number = float(step)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return int(number) if number.is_integer() else None
 
 
 def _not_a_number(raw: object) -> str:
