@@ -134,6 +134,15 @@ def test_overlay_smoothing_and_a_link_that_restores_the_view(
     # The run list is filtered by the link's search, and its box says so.
     assert page.locator("li[data-run-id]").count() == 1
     assert page.locator("#run-search").input_value() == "beta"
+    assert page.locator("#runs-empty").is_hidden()
+    # A search that hides every run says so, rather than showing an empty list.
+    page.fill("#run-search", "no such run")
+    page.locator("#runs-empty").wait_for(state="visible", timeout=WAIT_MS)
+    assert page.locator("#runs-empty").inner_text() == (
+        "No run matches the search and status filter."
+    )
+    page.fill("#run-search", "beta")
+    page.locator("#runs-empty").wait_for(state="hidden", timeout=WAIT_MS)
     assert not page.locator("#log").is_checked()
     assert page.locator("#xmode").input_value() == "step"
     assert page.locator("figure[data-key]").count() > 1  # no metric filter

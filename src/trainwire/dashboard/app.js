@@ -658,10 +658,12 @@ function renderRunList() {
     return li;
   });
   el.runs.replaceChildren(...items);
-  el.runsEmpty.hidden = runs.size > 0;
-  el.runsEmpty.textContent = runsReceived
-    ? "No runs yet. Start a training script that logs to this server and it appears here."
-    : "Waiting for the server…";
+  el.runsEmpty.hidden = shown.length > 0;
+  el.runsEmpty.textContent = !runsReceived
+    ? "Waiting for the server…"
+    : runs.size === 0
+      ? "No runs yet. Start a training script that logs to this server and it appears here."
+      : "No run matches the search and status filter.";
 }
 
 /** The run the header describes: the open run page's, else the only selected run. */
@@ -700,6 +702,10 @@ function renderHeader() {
 }
 
 function fillDl(dl, rows) {
+  if (rows.length === 0) {
+    dl.replaceChildren(make("dd", "empty", "none recorded")); // not an empty box
+    return;
+  }
   dl.replaceChildren(...rows.flatMap(([key, value]) => [make("dt", "", key), make("dd", "", value)]));
 }
 
