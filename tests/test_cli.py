@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 
+import trainwire as trainwire_api
 from trainwire import __version__
 from trainwire.cli import main
+from trainwire.server.runner import stop
+from trainwire.settings import Settings
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -71,6 +74,15 @@ def assert_clear_error(result: subprocess.CompletedProcess[str], says: str) -> N
     assert says in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("host", ["", None])
+def test_an_empty_or_unset_trainwire_host_binds_loopback(host: str | None) -> None:
+    """TRAINWIRE_HOST set but empty bound every interface ("" to bind()), while the
+    link printed said 127.0.0.1."""
+    env = {} if host is None else {"TRAINWIRE_HOST": host}
+    assert Settings.from_env(env).host == "127.0.0.1"
+    assert Settings.from_env({"TRAINWIRE_HOST": "0.0.0.0"}).host == "0.0.0.0"
+
+
 def test_a_bad_trainwire_port_variable_is_one_clear_line(tmp_path: Path) -> None:
     result = trainwire("token", "--data", str(tmp_path), "list", env={"TRAINWIRE_PORT": "http"})
     assert_clear_error(result, "TRAINWIRE_PORT must be a port number")
@@ -80,6 +92,27 @@ def test_syncing_a_file_that_is_not_there_is_one_clear_line(tmp_path: Path) -> N
     missing = tmp_path / "run.twrun"
     result = trainwire("sync", str(missing), "--url", "http://127.0.0.1:9")
     assert_clear_error(result, str(missing))
+
+
+def test_syncing_a_path_that_is_not_there_starts_no_server(tmp_path: Path) -> None:
+    """Without --url, sync starts the local server: not for a mistyped path."""
+    data = tmp_path / "data"
+    missing = tmp_path / "runs"
+    try:
+        result = trainwire("sync", str(missing), env={"TRAINWIRE_DATA": str(data)})
+        assert_clear_error(result, str(missing))
+        assert not (data / "server.json").exists()
+    finally:
+        stop(data)  # one started all the same
+
+
+@pytest.mark.parametrize("timeout", ["nan", "inf", "0", "soon"])
+def test_a_sync_timeout_that_is_no_duration_is_one_clear_line(timeout: str) -> None:
+    """NaN and inf reached Thread.join: a traceback, once the upload had begun."""
+    with trainwire_api.init(mode="offline") as run:
+        run.log({"loss": 1.0})
+    result = trainwire("sync", str(run.path), "--url", "http://127.0.0.1:9", "--timeout", timeout)
+    assert_clear_error(result, "--timeout")
 
 
 @pytest.mark.parametrize("port", ["70000", "-1"])

@@ -100,6 +100,25 @@ def test_offline_runs_are_written_to_a_file_and_synced_once_however_often(
     assert live_server.store.get_run(run.id).status == "finished"  # type: ignore[union-attr]
 
 
+def test_sync_of_a_folder_uploads_every_run_file_past_one_it_cannot_read(
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file left empty (a crash, a full disk, before its header was written) stopped
+    the whole sync there: the runs sorted after it were never uploaded."""
+    monkeypatch.setenv("TRAINWIRE_MODE", "offline")
+    with trainwire.init(id="b-run") as run:
+        run.log({"loss": 1.0})
+    runs_folder = run.path.parent.parent
+    empty = runs_folder / "a-run" / "cut.twrun"  # sorted first
+    empty.parent.mkdir()
+    empty.touch()
+    assert main(["sync", str(runs_folder), "--url", live_server.url]) == 1
+    said = capsys.readouterr().out
+    assert f"{empty}: NOT uploaded: {empty} is not a trainwire run file" in said
+    assert f"run {run.id}, 1 rows: stored" in said
+    assert stored_steps(live_server, run.id, "loss") == [0]
+
+
 def test_sync_says_how_many_values_a_run_at_its_key_limit_did_not_store(
     live_server: LiveServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -107,7 +107,8 @@ def _parser(env: Settings) -> argparse.ArgumentParser:
     sync = commands.add_parser("sync", help="upload run files written offline")
     sync.add_argument("path", type=Path, help="a .twrun file, or a folder of them")
     sync.add_argument("--url", default=None, help="server URL (default: TRAINWIRE_URL or local)")
-    sync.add_argument("--timeout", type=float, default=60.0, help="seconds per file")
+    # Checked: NaN and inf reached Thread.join, a traceback after the upload began.
+    sync.add_argument("--timeout", type=_sync_seconds, default=60.0, help="seconds per file")
 
     token = commands.add_parser("token", help="make, list and revoke share tokens")
     token.add_argument("--data", type=Path, default=env.data_dir, help=data_help)
@@ -144,6 +145,7 @@ def _checked(
 
 _port = _checked(int, check_port, "--port", "a port number")
 _seconds = _checked(float, check_seconds, "--heartbeat-timeout", "seconds")
+_sync_seconds = _checked(float, check_seconds, "--timeout", "seconds")
 
 
 def _serve(args: argparse.Namespace, env: Settings) -> int:
@@ -168,17 +170,29 @@ def _serve(args: argparse.Namespace, env: Settings) -> int:
 
 
 def _sync(path: Path, url: str | None, timeout: float, env: Settings) -> int:
-    from trainwire.client.run import resolve_server
+    from trainwire.client.run import _ingest_url, resolve_server
     from trainwire.client.sync import run_files, upload
 
+    if not path.exists():
+        # Before looking for a server: a mistyped path must not start one.
+        print(f"trainwire: cannot open {path}: no such file or folder", file=sys.stderr)
+        return 1
     files = run_files(path)
     if not files:
         print(f"trainwire: no run files under {path}", file=sys.stderr)
         return 1
     server, token = resolve_server(url, None, env.data_dir)
+    _ingest_url(server)  # a bad URL: one error here, not one per file below
     failed = 0
     for file in files:
-        done = upload(file, server, timeout, token)
+        try:
+            done = upload(file, server, timeout, token)
+        except ConfigError as exc:
+            # One unreadable file (cut short before its header, or no run file) must
+            # not keep the folder's other runs from the server.
+            print(f"{file}: NOT uploaded: {exc}")
+            failed += 1
+            continue
         said = "stored" if done.complete else "NOT confirmed"
         if done.refused_values:
             said += f" ({done.refused_values} values not stored: the run has its most keys)"

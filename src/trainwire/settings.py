@@ -144,7 +144,10 @@ class Settings:
             ) from None
         check_seconds(heartbeat_timeout, "TRAINWIRE_HEARTBEAT_TIMEOUT")
         return cls(
-            host=env.get("TRAINWIRE_HOST", DEFAULT_HOST),
+            # Set but empty (`TRAINWIRE_HOST=$UNSET`) is unset, as for every variable
+            # here: bound as given, "" is every interface, while the URL printed for
+            # it reads 127.0.0.1.
+            host=env.get("TRAINWIRE_HOST") or DEFAULT_HOST,
             port=port_number,
             data_dir=default_data_dir(env),
             heartbeat_timeout=heartbeat_timeout,

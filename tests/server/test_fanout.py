@@ -193,6 +193,21 @@ def test_a_dashboard_follows_a_bounded_number_of_runs_and_is_told_past_it() -> N
         feed.command(Subscribe("r0", 0))
 
 
+def test_a_dashboard_is_told_of_a_run_id_no_run_can_have_and_follows_nothing() -> None:
+    """Follows were bounded by count alone: 1,000 ids of 16 MiB each (one read-only
+    share link) were kept, and echoed back, for gigabytes of the server's memory."""
+    followers = Followers()
+    feed = DashboardFeed(History().read, Browser().send, followers=followers)
+    huge = "x" * (1 << 20)
+    with pytest.raises(ProtocolError, match="is longer than 255 bytes") as refused:
+        feed.command(Subscribe(huge, 0))
+    assert len(str(refused.value)) < 100  # the browser is told; not its megabyte back
+    with pytest.raises(ProtocolError, match="must be a name") as refused:
+        feed.command(Unsubscribe("a/" + huge))
+    assert len(str(refused.value)) < 100
+    assert huge not in followers and not feed._commands
+
+
 def test_a_run_unsubscribed_during_its_catch_up_gets_no_more_parts() -> None:
     """The catch-up of a long run comes in parts, each an awaited send; the browser
     may unsubscribe (deselect the run, or the tab asks for another) meanwhile. The

@@ -132,6 +132,32 @@ def test_a_config_nested_too_deeply_is_refused_and_every_run_stays_readable(
     assert client.get("/api/runs/evil").status_code == 404
 
 
+def test_a_writer_whose_run_is_deleted_is_told_so_and_its_hello_opens_the_run_anew(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It was closed 1011 "server storage error: no stream ...", an ERROR in the
+    server's log for what was an admin's DELETE."""
+    with open_trainer(client) as ws, open_trainer(client, RunSpec("other", "p", "n")) as other:
+        send(ws, Batch(seq=1, rows=[(0, 0.0, {"x": 1.0})]))
+        assert receive(ws) == Ack(seq=1)
+        assert client.delete(f"/api/runs/{SPEC.id}").status_code == 204
+        send(ws, Batch(seq=2, rows=[(1, 0.0, {"x": 2.0})]))
+        with pytest.raises(WebSocketDisconnect) as closed:
+            receive(ws)
+        # Every other writer is served as before.
+        send(other, Batch(seq=1, rows=[(0, 0.0, {"x": 1.0})]))
+        assert receive(other) == Ack(seq=1)
+    assert closed.value.code == 4410
+    assert closed.value.reason == "run 'run-1' was deleted; a writer that goes on opens it anew"
+    assert not [record for record in caplog.records if record.levelname == "ERROR"]
+    with client.websocket_connect("/ws/ingest") as ws:  # the writer goes on
+        send(ws, Hello(v=PROTOCOL_VERSION, run=SPEC))
+        assert receive(ws) == Welcome(v=PROTOCOL_VERSION, run_id=SPEC.id, last_seq=0, new_run=True)
+        send(ws, Batch(seq=2, rows=[(1, 0.0, {"x": 2.0})]))
+        assert receive(ws) == Ack(seq=2)
+    assert client.get(f"/api/runs/{SPEC.id}/metrics").json()["series"]["x"]["step"] == [1]
+
+
 def test_a_committing_run_is_announced_at_most_once_per_interval() -> None:
     updates = RunUpdates(interval=1.0)
     assert updates.due("a", now=10.0)  # never announced

@@ -1,12 +1,18 @@
-"""The server's listening socket (``trainwire.server.runner.bind``)."""
+"""Running the server: its listening socket, the dashboard link it prints."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
 
 from tests.conftest import MS
-from trainwire.server.runner import bind
+from trainwire.server.app import create_app
+from trainwire.server.runner import bind, dashboard_link
+from trainwire.settings import Settings
 
 
 def test_connections_accepted_from_the_bound_socket_have_nagle_off() -> None:
@@ -35,3 +41,16 @@ def test_connections_accepted_from_the_bound_socket_have_nagle_off() -> None:
             await server.wait_closed()
 
     assert asyncio.run(nodelay_of_an_accepted_connection()) != 0
+
+
+@pytest.mark.parametrize("token", ["q8Z+v3/Yx1w=", "a b&c#d%e", "plain-token_1"])
+def test_the_printed_dashboard_link_logs_in_with_any_token(tmp_path: Path, token: str) -> None:
+    """A token of `openssl rand -base64 32` (`--token`, TRAINWIRE_TOKEN) holds "+",
+    which the link carried as it was and the server read as a space: 401."""
+    link = dashboard_link("http://testserver", token)
+    app = create_app(Settings(data_dir=tmp_path, token=token))
+    with TestClient(app, follow_redirects=False) as client:
+        response = client.get(link)
+        assert response.status_code == 303
+        assert response.headers["location"] == "/"
+        assert client.get("/api/runs").status_code == 200  # with the cookie it set

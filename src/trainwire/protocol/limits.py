@@ -85,7 +85,8 @@ def run_id_problem(run_id: str) -> str | None:
     and the REST API (``/api/runs/{run_id}`` is one path segment) and put its file
     elsewhere (``..``), and a name too long for the file system lost the run file."""
     if not run_id or run_id in (".", "..") or "/" in run_id or "\\" in run_id:
-        return f"run id {run_id!r} must be a name, without / or \\"
+        # Cut as below: a dashboard is sent the reason, and an id may be megabytes.
+        return f"run id {run_id[:40]!r} must be a name, without / or \\"
     if not run_id.isprintable():
         return f"run id {run_id[:40]!r} has control characters"
     if len(run_id.encode()) > MAX_RUN_ID_BYTES:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.cookies import SimpleCookie
 from typing import Final
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, quote, unquote, urlencode
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -256,7 +256,9 @@ class AuthMiddleware:
         return origin == own or origin in self.allowed_origins
 
     async def _redirect_with_cookie(self, send: Send, location: str, token: str) -> None:
-        cookie = f"{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict"
+        # Quoted: a token of the user's own (--token) may hold what a cookie cannot (a
+        # space, a ";"); read back by _cookie.
+        cookie = f"{COOKIE}={quote(token, safe='')}; Path=/; HttpOnly; SameSite=Strict"
         if self.secure_cookie:
             cookie += "; Secure"
         await send(
@@ -335,7 +337,7 @@ def _cookie(headers: Headers) -> str | None:
     except Exception:  # noqa: BLE001 - a malformed cookie header is just no token
         return None
     morsel = cookie.get(COOKIE)
-    return morsel.value if morsel is not None else None
+    return unquote(morsel.value) if morsel is not None else None
 
 
 def _refusal(

@@ -22,6 +22,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from trainwire.exceptions import ProtocolError, StorageError
 from trainwire.protocol.columns import spelled
+from trainwire.protocol.limits import run_id_problem
 from trainwire.protocol.messages import (
     PROTOCOL_VERSION,
     DashboardError,
@@ -145,11 +146,18 @@ class DashboardFeed:
         """A message from the browser.
 
         Raises:
-            ProtocolError: past MAX_FOLLOWED runs followed, or MAX_PENDING_COMMANDS
-                not yet carried out (the browser gets the error; nothing changes).
+            ProtocolError: a run id no run can have, past MAX_FOLLOWED runs followed,
+                or MAX_PENDING_COMMANDS not yet carried out (the browser gets the
+                error; nothing changes).
         """
         if len(self._commands) >= MAX_PENDING_COMMANDS:
             raise ProtocolError(f"more than {MAX_PENDING_COMMANDS} commands waiting")
+        # Ingest refuses such an id, so no run has it. And each id followed is kept
+        # (and echoed in a frame): 1,000 follows of ids of megabytes each took
+        # gigabytes, from one read-only share link.
+        problem = run_id_problem(message.run)
+        if problem is not None:
+            raise ProtocolError(problem)
         match message:
             case Subscribe() if (
                 message.run not in self._following and len(self._following) >= MAX_FOLLOWED

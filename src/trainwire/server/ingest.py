@@ -19,7 +19,7 @@ from trainwire.server.fanout import Followers
 from trainwire.server.limits import RateLimiter, client_address
 from trainwire.server.watch import RunWatch
 from trainwire.settings import Limits
-from trainwire.storage import Store
+from trainwire.storage import RunDeleted, Store
 
 __all__ = ["RunUpdates", "serve_trainer"]
 
@@ -149,6 +149,16 @@ async def _serve(
     except ProtocolError as exc:
         logger.warning("closing trainer connection: %s", exc.reason)
         await ws.close(code=exc.code, reason=exc.reason)
+    except RunDeleted:
+        # An admin's DELETE, not a failure of the store: it was told as "server storage
+        # error: no stream ...", an ERROR in the log. The writer reconnects, and its
+        # hello opens the run anew, with what it sends from then on.
+        run_id = _opened(session).run.id
+        refusal = ProtocolError(
+            f"run {run_id!r} was deleted; a writer that goes on opens it anew", code=4410
+        )
+        logger.info("closing trainer connection: %s", refusal.reason)
+        await ws.close(code=refusal.code, reason=refusal.reason)
     except StorageError as exc:
         # A full disk, a file locked past the busy timeout: nothing the trainer did.
         # What was not acknowledged it sends again after its backoff, so close with

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Final
+from urllib.parse import quote, urlencode
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -33,6 +34,7 @@ __all__ = [
     "bind",
     "check_exposure",
     "check_tls",
+    "dashboard_link",
     "serve",
     "server_url",
     "stop",
@@ -87,6 +89,13 @@ def admin_token(settings: Settings) -> str | None:
     with os.fdopen(fd, "w") as handle:
         handle.write(token + "\n")
     return token
+
+
+def dashboard_link(url: str, token: str | None) -> str:
+    """The dashboard's URL carrying ``token``, as Jupyter's does; the page then keeps it
+    in a cookie, out of the address bar. Quoted: a token of ``openssl rand -base64``
+    holds ``+``, which a query reads as a space, and ``/`` and ``=``."""
+    return f"{url}/?{urlencode({'token': token}, quote_via=quote)}" if token else url
 
 
 def check_exposure(settings: Settings) -> None:
@@ -215,10 +224,7 @@ def _serve(settings: Settings, port_fallback: bool, ready_fd: int | None) -> Non
             )
             try:
                 logger.info("trainwire %s serving %s at %s", __version__, settings.data_dir, url)
-                # As Jupyter does: the URL to open carries the token; the page then
-                # keeps it in a cookie, out of the address bar.
-                link = f"{url}/?token={settings.token}" if settings.token else url
-                print(f"trainwire dashboard: {link}", flush=True)
+                print(f"trainwire dashboard: {dashboard_link(url, settings.token)}", flush=True)
                 fd, ready_fd = ready_fd, None
                 _signal_ready(fd, url)
                 server = uvicorn.Server(uvicorn_config(create_app(settings), settings))

@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
-from trainwire.storage.base import Commit, SampledSeries, SeriesSummary, Store
+from trainwire.storage.base import Commit, RunDeleted, SampledSeries, SeriesSummary, Store
 from trainwire.storage.sqlite import SQLiteStore
 
 __all__ = [
     "Commit",
+    "RunDeleted",
     "SQLiteStore",
     "SampledSeries",
     "SeriesSummary",

@@ -9,9 +9,16 @@ from typing import NamedTuple, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from trainwire.exceptions import StorageError
 from trainwire.protocol.messages import Batch, RunInfo, RunSpec, Series
 
-__all__ = ["Commit", "CommittedColumns", "SampledSeries", "SeriesSummary", "Store"]
+__all__ = ["Commit", "CommittedColumns", "RunDeleted", "SampledSeries", "SeriesSummary", "Store"]
+
+
+class RunDeleted(StorageError):
+    """A writer's stream is not in the store: its run was deleted (``DELETE
+    /api/runs/{id}``) after it was opened. No failure of the store: ingest tells its
+    writer so."""
 
 
 @dataclass(frozen=True)
@@ -80,14 +87,22 @@ class Store(Protocol):
         holds this seq. ``Commit`` carries the run's commit counter, which orders
         every batch of the run, whatever its stream, for the dashboards. A key that
         would give the run more than ``max_keys`` keys has its values left out, the
-        rest of the batch stored, and is named in ``Commit.refused``."""
+        rest of the batch stored, and is named in ``Commit.refused``.
+
+        Raises:
+            RunDeleted: the run was deleted since the stream was opened.
+        """
         ...
 
     def set_status(
         self, run_id: str, stream: str, status: str, seq: int, now: float
     ) -> RunInfo | None:
         """End a stream as its sequenced item ``seq``; None for a duplicate. The run
-        is finished once every stream is."""
+        is finished once every stream is.
+
+        Raises:
+            RunDeleted: the run was deleted since the stream was opened.
+        """
         ...
 
     def set_aside(self, run_id: str, keep: Collection[str], now: float) -> RunInfo | None:

@@ -17,7 +17,13 @@ import numpy as np
 from trainwire.exceptions import StorageError
 from trainwire.protocol.messages import Batch, Row, RunInfo, RunSpec, RunStatus, Series
 from trainwire.storage import chunks
-from trainwire.storage.base import Commit, CommittedColumns, SampledSeries, SeriesSummary
+from trainwire.storage.base import (
+    Commit,
+    CommittedColumns,
+    RunDeleted,
+    SampledSeries,
+    SeriesSummary,
+)
 from trainwire.storage.chunks import Chunk, Columns
 from trainwire.storage.downsample import downsample
 
@@ -342,7 +348,8 @@ class SQLiteStore:
             "SELECT last_seq FROM streams WHERE run_id = ? AND stream = ?", (run_id, stream)
         ).fetchone()
         if row is None:
-            raise StorageError(f"no stream {stream!r} in run {run_id!r}")
+            # open_run made it: only delete_run takes it away.
+            raise RunDeleted(f"no stream {stream!r} in run {run_id!r}")
         if seq <= row[0]:
             return False
         self._db.execute(
