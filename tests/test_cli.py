@@ -83,6 +83,19 @@ def test_an_empty_or_unset_trainwire_host_binds_loopback(host: str | None) -> No
     assert Settings.from_env({"TRAINWIRE_HOST": "0.0.0.0"}).host == "0.0.0.0"
 
 
+def test_a_token_that_would_be_born_expired_is_refused(tmp_path: Path) -> None:
+    result = trainwire("token", "--data", str(tmp_path), "create", "--expires", "0s")
+    assert_clear_error(result, "a duration must be more than 0, not '0s'")
+
+
+def test_tokens_of_a_data_directory_no_server_used_say_so(tmp_path: Path) -> None:
+    """A mistyped --data listed nothing, as if the server had no share tokens."""
+    result = trainwire("token", "--data", str(tmp_path / "typo"), "list")
+    assert result.returncode == 0 and result.stdout == ""
+    assert f"no trainwire data in {tmp_path / 'typo'} yet; is --data right?" in result.stderr
+    assert trainwire("token", "--data", str(tmp_path / "typo"), "list").stderr == ""
+
+
 def test_a_bad_trainwire_port_variable_is_one_clear_line(tmp_path: Path) -> None:
     result = trainwire("token", "--data", str(tmp_path), "list", env={"TRAINWIRE_PORT": "http"})
     assert_clear_error(result, "TRAINWIRE_PORT must be a port number")

@@ -214,14 +214,21 @@ def parse_duration(text: str) -> float:
     match = _DURATION.match(text.strip())
     if match is None:
         raise ConfigError(f"a duration looks like 30m, 12h or 7d, not {text!r}")
-    return float(match.group(1)) * _UNIT[match.group(2)]
+    seconds = float(match.group(1)) * _UNIT[match.group(2)]
+    if seconds <= 0:  # a token made already expired
+        raise ConfigError(f"a duration must be more than 0, not {text!r}")
+    return seconds
 
 
 def _token(args: argparse.Namespace, env: Settings) -> int:
     from trainwire.client.local import read_discovery
     from trainwire.storage.tokens import TokenStore
 
-    tokens = TokenStore(args.data / "trainwire.db")
+    database = args.data / "trainwire.db"
+    if args.action != "create" and not database.exists():
+        # A mistyped --data: say so, rather than list the empty store it would make.
+        print(f"trainwire: no trainwire data in {args.data} yet; is --data right?", file=sys.stderr)
+    tokens = TokenStore(database)
     try:
         now = time.time()
         if args.action == "create":

@@ -375,15 +375,19 @@ def test_a_token_in_an_api_url_is_accepted_without_a_redirect(secured: Secured) 
         "//evil.example/",
         "/%5Cevil.example/",
         "/runs/evil.example/",
+        "/a%0d%0aSet-Cookie:%20x=1",
     ],
 )
 def test_the_cookie_redirect_never_leaves_this_server(secured: Secured, path: str) -> None:
-    """A link to this server with a valid token must not bounce the browser elsewhere."""
+    """A link to this server with a valid token must not bounce the browser elsewhere,
+    nor, with a line break in its path, make a header the server cannot send (it
+    answered 500, with a traceback)."""
     response = secured.client.get(f"http://testserver{path}?token={secured.tokens['read']}")
     assert response.status_code == 303
     location = response.headers["location"]
     # Browsers read "//host" and "/\host" (and "\\host") as another host.
     assert location.startswith("/") and location[1:2] not in ("/", "\\"), location
+    assert "\r" not in location and "\n" not in location
 
 
 # -- security headers on every answer --------------------------------------------------------
@@ -433,8 +437,12 @@ def test_the_servers_own_origin_is_accepted(secured: Secured) -> None:
     assert dashboard_hello(secured.client, {**ADMIN, "Origin": "http://testserver"})["v"] == 1
 
 
-def test_a_configured_origin_is_accepted_and_others_still_refused(tmp_path: Path) -> None:
-    settings = settings_for(tmp_path, allowed_origins=("https://proxy.example",))
+@pytest.mark.parametrize("configured", ["https://proxy.example", "https://proxy.example/"])
+def test_a_configured_origin_is_accepted_and_others_still_refused(
+    tmp_path: Path, configured: str
+) -> None:
+    """Given as copied from an address bar (a trailing slash), it is the same origin."""
+    settings = settings_for(tmp_path, allowed_origins=(configured,))
     with TestClient(create_app(settings)) as client:
         headers = {**ADMIN, "Origin": "https://proxy.example"}
         assert dashboard_hello(client, headers)["type"] == "hello"
@@ -697,6 +705,9 @@ def test_with_auth_off_a_page_of_another_site_rebound_to_loopback_reads_nothing(
         assert client.get(path).status_code == 200  # the user's own browser, via 127.0.0.1
         rebound = client.get(path, headers={"Host": "attacker.example:8765"})
         assert rebound.status_code in (400, 403), rebound.text
+        # The refusal names the Host it was sent, quotes and all, in valid JSON.
+        quoted = client.get(path, headers={"Host": 'evil"example'})
+        assert quoted.json() == {"detail": 'host evil"example is not this machine'}
         origin = {"Host": "attacker.example:8765", "Origin": "http://attacker.example:8765"}
         with client.websocket_connect("/ws/dashboard", headers=origin) as ws:
             message = ws.receive()

@@ -14,6 +14,7 @@ import enum
 import hashlib
 import hmac
 import ipaddress
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -145,7 +146,9 @@ class AuthMiddleware:
     ) -> None:
         self.app = app
         self.authenticator = authenticator
-        self.allowed_origins = allowed_origins
+        # An origin has no path: "https://host/", as copied from an address bar, never
+        # matched a browser's Origin, and every dashboard behind the proxy got 4403.
+        self.allowed_origins = tuple(origin.rstrip("/") for origin in allowed_origins)
         self.secure_cookie = secure_cookie
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -195,7 +198,9 @@ class AuthMiddleware:
             # One leading slash only: "//host/..." or "/\\host/..." would send the
             # browser to another server (an open redirect).
             path = "/" + scope["path"].lstrip("/\\")
-            location = path + (f"?{rest}" if rest else "")
+            # Quoted back: the path comes decoded, and a %0d%0a in it would make a
+            # header no server may send (a 500, a traceback in the log).
+            location = quote(path, safe="/:@!$&'()*+,;=~") + (f"?{rest}" if rest else "")
             await self._redirect_with_cookie(send, location, from_query)
             return
         await self.app(scope, receive, send)
@@ -356,7 +361,8 @@ def _refusal(
 
 
 async def _refuse_http(send: Send, status: int, reason: str) -> None:
-    body = ('{"detail": "' + reason + '"}').encode()
+    # Encoded, not pasted: a reason may quote the client (its Host), quotes included.
+    body = json.dumps({"detail": reason}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if status == 401:
         headers.append((b"www-authenticate", b'Bearer realm="trainwire"'))
