@@ -184,6 +184,27 @@ def test_a_step_with_no_fraction_is_taken_whatever_its_type(
     assert "step 4.5 is not an integer" in caplog.text
 
 
+def test_a_step_whose_conversion_raises_costs_its_own_row_only() -> None:
+    """float(step) runs a user's __float__ (a tensor's): one that raised something
+    else than TypeError or ValueError ended the drain, and took the rows drained
+    with it."""
+
+    class Odd:
+        def __index__(self) -> int:
+            raise RuntimeError("device-side assert")
+
+        def __float__(self) -> float:
+            raise RuntimeError("device-side assert")
+
+    s = sender(0.02)
+    for step in (0, Odd(), 2):
+        s.queue.append((step, 1.0, {"x": 1.0}))
+    s._drain()
+    [batch] = s.session.outbox.items(1, 10)
+    assert [row[0] for row in batch.rows] == [0, 2]
+    assert s.dropped_rows == 1
+
+
 def test_log_marks_what_it_cannot_vouch_for_and_every_value_arrives(
     live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

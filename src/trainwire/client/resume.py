@@ -5,6 +5,12 @@ script restarted to continue a run (``init(resume=...)``) that count started at 
 again, and the new points landed on the old ones. ``init()`` reads the run's summary
 from the server first (``GET /api/runs/{id}``, one request, bounded by a timeout), as
 the one place that knows what every earlier process of the run logged.
+
+The request carries the run's token, so it goes only where the trainer's WebSocket
+goes: straight to the server (no ``http_proxy``, which would read a plain-http
+token and could not reach a loopback server anyway), and never on to a redirect's
+target (urllib forwards every header, ``Authorization`` too, to any host, https
+to http included).
 """
 
 from __future__ import annotations
@@ -13,13 +19,24 @@ import json
 import ssl
 import urllib.request
 from typing import Any, Final
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 __all__ = ["RESUME_TIMEOUT", "last_step"]
 
 # A resumed init() waits at most this long for the server: a refused connection
 # answers at once, a network that drops packets takes it all.
 RESUME_TIMEOUT: Final = 3.0
+
+# The server URL as the client takes it (TRAINWIRE_URL may name the WebSocket).
+_HTTP_SCHEMES: Final = {"http": "http", "https": "https", "ws": "http", "wss": "https"}
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is answered as the error it is here: the token stays with the
+    server it was meant for."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
 
 
 def last_step(
@@ -36,14 +53,26 @@ def last_step(
     under ``rank{rank}/``), or None if it holds none.
 
     Raises:
-        urllib.error.HTTPError: the server answered with an error (404: no such run).
-        OSError, ValueError: it could not be reached, or answered something else.
+        urllib.error.HTTPError: the server answered with an error (404: no such run;
+            a redirect, which is not followed).
+        OSError, ValueError, http.client.HTTPException: it could not be reached, or
+            answered something else.
     """
+    parts = urlsplit(server_url)
+    scheme = _HTTP_SCHEMES.get(parts.scheme)
+    if scheme is None:
+        raise ValueError(f"not an http(s) URL: {server_url!r}")
+    base = parts._replace(scheme=scheme, query="", fragment="").geturl().rstrip("/")
     request = urllib.request.Request(
-        f"{server_url.rstrip('/')}/api/runs/{quote(run_id, safe='')}",
+        f"{base}/api/runs/{quote(run_id, safe='')}",
         headers={"Authorization": f"Bearer {token}"} if token else {},
     )
-    with urllib.request.urlopen(request, timeout=timeout, context=ssl_context) as response:
+    opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler({}),  # none, whatever the environment says
+        urllib.request.HTTPSHandler(context=ssl_context),
+        _NoRedirect(),
+    )
+    with opener.open(request, timeout=timeout) as response:
         body: Any = json.loads(response.read())
     prefix = "" if rank is None else f"rank{rank}/"
     steps = [

@@ -30,7 +30,7 @@ from trainwire.client import environment
 from trainwire.client.config import plain_config
 from trainwire.client.local import ensure_local_server, local_token
 from trainwire.client.notice import notice
-from trainwire.client.resume import last_step
+from trainwire.client.resume import RESUME_TIMEOUT, last_step
 from trainwire.client.sender import OPEN_TIMEOUT, LoggedRow, Sender, tls_context
 from trainwire.client.spool import SpillingOutbox, new_header
 from trainwire.client.system import SystemSampler
@@ -673,15 +673,37 @@ def _resumed_step(
     server: str, ingest: str, token: str | None, run_id: str, rank: int | None
 ) -> int:
     """The step a resumed run's ``log()`` calls without ``step=`` count on from: its
-    last on the server, or -1 (from 0) if it has none or cannot be asked."""
-    try:
-        last = last_step(
-            server,
-            token,
+    last on the server, or -1 (from 0) if it has none or cannot be asked.
+
+    Asked on a thread of its own, waited for RESUME_TIMEOUT in all: urllib's timeout
+    bounds each socket call, not the request, and the name lookup has none (a
+    resolver that drops packets held init() its 10-30 s). One that answers later
+    is left to its daemon thread."""
+    outcome: list[int | None | Exception] = []
+
+    def ask() -> None:
+        try:
+            context = tls_context() if ingest.startswith("wss:") else None
+            outcome.append(last_step(server, token, run_id, rank=rank, ssl_context=context))
+        except Exception as exc:  # noqa: BLE001 - said by the caller's thread
+            outcome.append(exc)
+
+    asker = threading.Thread(target=ask, name="trainwire-resume", daemon=True)
+    asker.start()
+    asker.join(RESUME_TIMEOUT)
+    if not outcome:
+        logger.warning(
+            "trainwire could not read run %s's last step from %s (no answer within %g s): "
+            "log() calls without step= count from 0",
             run_id,
-            rank=rank,
-            ssl_context=tls_context() if ingest.startswith("wss:") else None,
+            server,
+            RESUME_TIMEOUT,
         )
+        return -1
+    try:
+        last = outcome[0]
+        if isinstance(last, Exception):
+            raise last
     except urllib.error.HTTPError as exc:
         exc.close()
         if exc.code != 404:  # 404: a run new to the server, which its welcome says
@@ -693,7 +715,10 @@ def _resumed_step(
                 exc.reason,
             )
         return -1
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    # OSError, a body that is not the run's summary (ValueError, KeyError, ...), and
+    # http.client's HTTPException (a reply that is no HTTP, or cut short), which is no
+    # OSError: whatever it is, init() raises only what its docstring says.
+    except Exception as exc:  # noqa: BLE001
         logger.warning(
             "trainwire could not read run %s's last step from %s (%s): log() calls "
             "without step= count from 0",

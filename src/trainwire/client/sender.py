@@ -621,16 +621,17 @@ class Sender(threading.Thread):
 
 def _integer(step: object) -> int | None:
     """A logged step as an int: numpy and torch integers, and floats with no fraction
-    (``step=epoch * 1.0``, a numpy float64); None for 1.5, NaN or anything else."""
+    (``step=epoch * 1.0``, a numpy float64); None for 1.5, NaN or anything else.
+    A user's object may raise anything: it costs its own row, not the drain's rows."""
     try:
         return operator.index(step)  # type: ignore[arg-type]
-    except TypeError:
+    except Exception:  # noqa: BLE001, S110 - TypeError mostly: not an integer type
         pass
     if isinstance(step, (str, bytes)):
         return None  # "3" is a name, not a step
     try:
         number = float(step)  # type: ignore[arg-type]
-    except (TypeError, ValueError, OverflowError):
+    except Exception:  # noqa: BLE001 - TypeError, ValueError; a tensor's RuntimeError
         return None
     return int(number) if number.is_integer() else None
 
