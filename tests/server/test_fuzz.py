@@ -36,6 +36,7 @@ from starlette.testclient import WebSocketTestSession
 
 from tests.server.conftest import ADMIN_TOKEN, app_settings
 from trainwire.exceptions import ProtocolError
+from trainwire.protocol.limits import run_id_problem
 from trainwire.protocol.messages import (
     PROTOCOL_VERSION,
     Ack,
@@ -159,13 +160,15 @@ def decode_trainer_frame(frame: bytes) -> TrainerToServer | None:
 
 
 def decode_dashboard_frame(frame: Frame) -> DashboardIn | None:
-    """The message in ``frame``, or None if it is not a valid dashboard message."""
+    """The message in ``frame``, or None if it is not a valid dashboard message (one
+    naming a run id no run can have included: the server answers it with an error)."""
     if isinstance(frame, bytes):
         return None
     try:
-        return decode_dashboard_message(frame)
+        message = decode_dashboard_message(frame)
     except (ProtocolError, RecursionError):  # RecursionError: see BUG_DEEP_NESTING
         return None
+    return None if run_id_problem(message.run) is not None else message
 
 
 def send_frame(ws: WebSocketTestSession, frame: Frame) -> None:

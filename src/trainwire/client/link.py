@@ -173,7 +173,11 @@ class Link:
         try:
             self._protocol.send_binary(message)
         except InvalidState:
-            self._read(0.0)  # the server's close frame, if it is here, says why
+            try:
+                if self._protocol.close_rcvd is None:
+                    self._read(0.0)  # the server's close frame, if it is here, says why
+            except OSError:
+                pass  # reset since: the close frame already read (at the handshake) says why
             raise self._closed() from None
         self._flush_or_closed()
 
