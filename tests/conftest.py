@@ -58,6 +58,7 @@ def isolated_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Pat
         "TRAINWIRE_PORT",
         "RANK",
         "TORCHELASTIC_RUN_ID",
+        "TORCHELASTIC_RESTART_COUNT",
         "SLURM_JOB_ID",
     ):
         monkeypatch.delenv(variable, raising=False)

@@ -285,6 +285,63 @@ def test_a_resume_that_names_no_run_says_so(
     assert f"resume='reall' names no run on {typo._sender.url}" in caplog.text
 
 
+ATTEMPT = """
+import sys, trainwire
+run = trainwire.init(ranks="all", url=sys.argv[1])
+run.log({"x": 0.0})
+run.log({"x": 1.0})
+sys.stdin.read()  # until killed
+"""
+
+
+def test_a_job_torchrun_restarts_continues_its_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """torchrun --max-restarts runs a failed job's script again, with the same
+    TORCHELASTIC_RUN_ID: the new attempt logged into the run as a stranger, whose
+    killed writers then left it crashed for good, and whose log() calls counted from
+    step 0 again over the old points."""
+    caplog.set_level(logging.WARNING, logger="trainwire.client")
+    server = LiveServer(data_dir=tmp_path / "server", heartbeat_timeout=0.5)
+    server.start()
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "elastic-job")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    try:
+        first = subprocess.Popen(
+            [sys.executable, "-c", ATTEMPT, server.url], stdin=subprocess.PIPE, text=True
+        )
+        try:
+            assert wait_until(
+                lambda: (
+                    "rank0/x" in server.store.keys("elastic-job")
+                    and stored_steps(server, "elastic-job", "rank0/x") == [0, 1]
+                ),
+                10_000 * MS,
+            )
+        finally:
+            first.kill()  # a failed rank, or one torchrun ended with the job
+            first.wait()
+            assert first.stdin is not None
+            first.stdin.close()
+        assert wait_until(
+            lambda: server.store.get_run("elastic-job").status == "crashed",  # type: ignore[union-attr]
+            10_000 * MS,
+        )
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+        with trainwire.init(ranks="all", url=server.url) as again:
+            again.log({"x": 2.0})
+        assert stored_steps(server, "elastic-job", "rank0/x") == [0, 1, 2]
+        assert server.store.get_run("elastic-job").status == "finished"  # type: ignore[union-attr]
+        # A restart whose first attempt never reached the server starts the run.
+        with trainwire.init(ranks="all", id="fresh", url=server.url) as fresh:
+            fresh.log({"x": 0.0})
+        assert server.store.get_run("fresh").status == "finished"  # type: ignore[union-attr]
+        assert "names no run" not in caplog.text  # resume= was never named
+    finally:
+        server.stop()
+
+
 TRAINER = """
 import sys, trainwire
 run = trainwire.init(project="doomed", url=sys.argv[1], flush_interval=0.005)

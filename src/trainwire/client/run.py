@@ -94,6 +94,7 @@ class Run:
         insecure: bool | None = None,
         system_metrics: bool = False,
         resume: bool = False,
+        say_new_run: bool = True,
         last_step: int = -1,
     ) -> None:
         self.id = spec.id
@@ -141,6 +142,7 @@ class Run:
             _ingest_url(self.server_url, insecure) if self.server_url else None,
             flush_interval=flush_interval,
             token=token,
+            say_new_run=say_new_run,
         )
         self._sender.continue_after(last_step)
         self._system: SystemSampler | None = None
@@ -535,6 +537,12 @@ def _env_rank() -> int | None:
     return int(rank) if rank is not None and rank.isdigit() else None
 
 
+def _elastic_restart() -> bool:
+    # torchrun's elastic agent counts the restarts of a job's workers.
+    count = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return count.isdigit() and int(count) > 0
+
+
 def _shared_run_id() -> str | None:
     # What every rank of one job sees alike, when the user gave no id.
     for variable in ("TRAINWIRE_RUN_ID", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID"):
@@ -575,6 +583,8 @@ def init(
             are kept as numbers, anything else JSON cannot spell as its ``str()``.
         id: the run's id; a new one if omitted (``TRAINWIRE_RUN_ID`` also sets it).
         resume: the id of a run to continue, after a restart of the training script.
+            A job torchrun restarts (``TORCHELASTIC_RESTART_COUNT`` above 0) continues
+            its run so without it, when the run's id is the job's.
         mode: ``"online"`` streams to a server; ``"offline"`` writes only the run's
             file, for ``trainwire sync`` later. Default: ``TRAINWIRE_MODE``, else online.
         ranks: in a distributed job, ``"zero"`` logs from rank 0 alone (other ranks
@@ -625,6 +635,11 @@ def init(
                 "ranks='all' needs one run id for every rank: pass id=..., or set "
                 "TRAINWIRE_RUN_ID in the job's environment"
             )
+    # torchrun's restart of a failed job (--max-restarts) runs the script again under
+    # the same id: the new attempt continues the run as resume= does, or the writers of
+    # the attempt it replaces (killed, or ended by SIGTERM) left the run crashed for
+    # good, and its log() calls without step= counted from 0 over the old points.
+    restarted = resume is None and run_id is not None and _elastic_restart()
     run_id = run_id or _new_run_id()
     problem = run_id_problem(run_id)
     if problem is not None:
@@ -654,14 +669,17 @@ def init(
         server, token = resolve_server(url, token, data_dir)
         run_rank = rank if ranks == "all" else None
         ingest = _ingest_url(server, insecure)  # refuses plain ws to another host first
-        last = -1 if resume is None else _resumed_step(server, ingest, token, spec.id, run_rank)
+        resuming = resume is not None or restarted
+        last = _resumed_step(server, ingest, token, spec.id, run_rank) if resuming else -1
         run = Run(
             spec,
             server,
             rank=run_rank,
             token=token,
             insecure=insecure,
-            resume=resume is not None,
+            resume=resuming,
+            # A restart's first attempt may have failed before it logged anything.
+            say_new_run=resume is not None,
             last_step=last,
             **options,
         )

@@ -117,6 +117,7 @@ class Sender(threading.Thread):
         *,
         flush_interval: float = 0.02,
         token: str | None = None,
+        say_new_run: bool = True,
     ) -> None:
         super().__init__(name=f"trainwire-sender-{session.run.id}", daemon=True)
         self.session = session
@@ -124,6 +125,9 @@ class Sender(threading.Thread):
         self.url = url
         self.flush_interval = flush_interval
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        # Whether a resuming session's welcome to a new run is said: a resume= that
+        # names no run is a typo; a torchrun restart's may simply have been the first.
+        self.say_new_run = say_new_run
         self.dropped_rows = 0
         self.dropped_values = 0
         self._last_step = -1
@@ -394,7 +398,12 @@ class Sender(threading.Thread):
                 raise ProtocolError("server sent a text frame")
             message = self.session.receive_frame(data)
             self._backoff.reset()
-            if type(message) is Welcome and message.new_run and self.session.resume:
+            if (
+                type(message) is Welcome
+                and message.new_run
+                and self.session.resume
+                and self.say_new_run
+            ):
                 self._warn_once(
                     "resume",
                     "trainwire: resume=%r names no run on %s: it starts as a new run",
