@@ -261,6 +261,22 @@ def test_a_resumed_run_numbers_rows_without_a_step_on_from_its_last(
     assert stored_steps(live_server, first.id, "y") == [0]
 
 
+def test_a_run_resumed_after_an_exception_ends_as_the_resumed_script_does(
+    live_server: LiveServer,
+) -> None:
+    """The most common failure (an exception, a CUDA out-of-memory error) ended the
+    first attempt crashed by its own finish, and the run read crashed for good,
+    however the resumed script ended."""
+    with pytest.raises(RuntimeError), trainwire.init(url=live_server.url) as first:
+        first.log({"x": 0.0})
+        raise RuntimeError("CUDA out of memory (a stand-in)")
+    assert live_server.store.get_run(first.id).status == "crashed"  # type: ignore[union-attr]
+    with trainwire.init(resume=first.id, url=live_server.url) as again:
+        again.log({"x": 1.0})
+    assert live_server.store.get_run(first.id).status == "finished"  # type: ignore[union-attr]
+    assert stored_steps(live_server, first.id, "x") == [0, 1]
+
+
 def test_a_resumed_rank_goes_on_from_its_own_last_step(live_server: LiveServer) -> None:
     for rank, step in ((0, 10), (1, 3)):
         with trainwire.init(id="ddp", ranks="all", rank=rank, url=live_server.url) as run:

@@ -533,6 +533,11 @@ def test_streams_set_aside_count_for_nothing_and_those_kept_still_do(tmp_path: P
     store.set_status("r1", "resumed", "finished", seq=1, now=3.0)
     assert store.get_run("r1").status == "running"  # type: ignore[union-attr]  # "kept"
     store.set_status("r1", "kept", "finished", seq=1, now=4.0)
-    # "ended" crashed by its own finish: set aside nothing a writer ended itself.
-    assert store.get_run("r1").status == "crashed"  # type: ignore[union-attr]
+    # "ended" crashed by its own finish (the attempt the resume replaces): set aside
+    # too, so the run ends as its resumed writers do.
+    assert store.get_run("r1").status == "finished"  # type: ignore[union-attr]
     assert store.running_runs() == []
+    # A writer that crashes after the resume still makes the run crashed.
+    store.open_run(SPEC, "late", now=5.0)
+    store.set_status("r1", "late", "crashed", seq=1, now=6.0)
+    assert store.get_run("r1").status == "crashed"  # type: ignore[union-attr]

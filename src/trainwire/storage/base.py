@@ -107,8 +107,9 @@ class Store(Protocol):
 
     def set_aside(self, run_id: str, keep: Collection[str], now: float) -> RunInfo | None:
         """A writer resumed the run: every stream of it not in ``keep`` (those with
-        a writer connected) and not ended is set aside, its process gone; it no
-        longer holds the run running nor makes it crashed."""
+        a writer connected) that is not ended (its process gone) or ended crashed
+        (the attempt the resume replaces) is set aside; it no longer holds the run
+        running nor makes it crashed."""
         ...
 
     def mark_crashed(self, run_id: str, now: float) -> RunInfo | None:

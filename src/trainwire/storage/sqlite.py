@@ -278,10 +278,13 @@ class SQLiteStore:
     def set_aside(self, run_id: str, keep: Collection[str], now: float) -> RunInfo | None:
         with self._lock, self._transaction():
             marks = ", ".join("?" * len(keep))
+            # Crashed too: the attempt the resumed script replaces ended so itself (an
+            # exception, an out-of-memory error); left in, it held the run crashed
+            # however the resumed script ended.
             self._db.execute(
-                "UPDATE streams SET status = ? WHERE run_id = ? AND status IN (?, ?)"
+                "UPDATE streams SET status = ? WHERE run_id = ? AND status IN (?, ?, ?)"
                 f" AND stream NOT IN ({marks})",
-                (_SET_ASIDE, run_id, RunStatus.RUNNING, _LOST, *keep),
+                (_SET_ASIDE, run_id, RunStatus.RUNNING, _LOST, RunStatus.CRASHED, *keep),
             )
             return self._settle_status(run_id, now)
 
