@@ -41,6 +41,9 @@ DISCOVERY_FILE: Final = "server.json"
 LOCK_FILE: Final = "server.lock"
 TOKEN_FILE: Final = "token"
 DEFAULT_PORT: Final = 8765
+# Added to the URL a server started with --ready-fd hands its starter when it found
+# another server holding its data directory, and so joined it instead.
+READY_JOINED: Final = "joined"
 
 
 def default_data_dir(env: Mapping[str, str] | None = None) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -13,6 +14,7 @@ from tests.conftest import MS
 
 import trainwire
 from trainwire.cli import main
+from trainwire.client import local as local_module
 from trainwire.client.local import ensure_local_server, is_trainwire, read_discovery
 from trainwire.server.runner import AlreadyServing, serve, stop
 from trainwire.settings import Settings
@@ -32,6 +34,21 @@ def test_a_local_server_is_started_once_and_reused(data_dir: Path) -> None:
     assert ensure_local_server(data_dir, port=0) == url  # found, not started again
     with pytest.raises(AlreadyServing, match=f"already serves .* at {url}"):
         serve(Settings(port=0, data_dir=data_dir))
+
+
+def test_a_server_another_process_started_a_moment_before_is_joined_not_claimed(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ranks of a job starting at once each said "started a server", while one
+    had and the rest had found it."""
+    caplog.set_level(logging.INFO, logger="trainwire.client")
+    url = ensure_local_server(data_dir, port=0)
+    assert caplog.text.count("started a server") == 1
+    # A rank that looked for server.json before the first server wrote it.
+    monkeypatch.setattr(local_module, "read_discovery", lambda data_dir: None)
+    assert ensure_local_server(data_dir, port=0) == url
+    assert caplog.text.count("started a server") == 1
+    assert f"using the server at {url}" in caplog.text
 
 
 def test_init_without_a_url_starts_the_local_server_that_outlives_the_run(

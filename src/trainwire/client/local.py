@@ -22,7 +22,7 @@ from typing import Final
 
 from trainwire.client.notice import notice
 from trainwire.exceptions import TransientError
-from trainwire.settings import DEFAULT_PORT, DISCOVERY_FILE, LOCK_FILE, TOKEN_FILE
+from trainwire.settings import DEFAULT_PORT, DISCOVERY_FILE, LOCK_FILE, READY_JOINED, TOKEN_FILE
 
 __all__ = ["ensure_local_server", "is_trainwire", "local_token", "read_discovery"]
 
@@ -146,10 +146,15 @@ def ensure_local_server(data_dir: Path, port: int = DEFAULT_PORT, timeout: float
             chunks.append(chunk)
     finally:
         os.close(read_end)
-    url = b"".join(chunks).decode().strip()
+    url, _, joined = b"".join(chunks).decode().strip().partition(" ")
     if not url:
         raise TransientError(f"trainwire server failed to start; see {data_dir / 'server.log'}")
-    notice(
-        logger, "trainwire: started a server at %s (it keeps running; trainwire stop ends it)", url
-    )
+    if joined == READY_JOINED:  # another process started it a moment before us
+        logger.info("trainwire: using the server at %s", url)
+    else:
+        notice(
+            logger,
+            "trainwire: started a server at %s (it keeps running; trainwire stop ends it)",
+            url,
+        )
     return url

@@ -25,7 +25,7 @@ from starlette.types import ASGIApp
 from trainwire import __version__
 from trainwire.exceptions import ConfigError
 from trainwire.server.app import create_app
-from trainwire.settings import DISCOVERY_FILE, LOCK_FILE, Settings, is_loopback
+from trainwire.settings import DISCOVERY_FILE, LOCK_FILE, READY_JOINED, Settings, is_loopback
 from trainwire.storage.tokens import new_secret
 
 __all__ = [
@@ -236,7 +236,9 @@ def _serve(settings: Settings, port_fallback: bool, ready_fd: int | None) -> Non
     except AlreadyServing as exc:
         if ready_fd is not None and exc.url:
             fd, ready_fd = ready_fd, None
-            _signal_ready(fd, exc.url)
+            # Said as joined: ranks of one job starting at once each started "a
+            # server" by their own account, while one did and the rest found it.
+            _signal_ready(fd, f"{exc.url} {READY_JOINED}")
         raise
     finally:
         if ready_fd is not None:
