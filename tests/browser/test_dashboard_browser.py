@@ -6,11 +6,13 @@ import time
 from typing import Any
 
 import pytest
-from tests.conftest import MS, SCREENSHOTS, LiveServer
+from tests.conftest import MS, SCREENSHOTS, LiveServer, wait_until
 
 import trainwire
 from trainwire.protocol.messages import Batch, RunSpec
+from trainwire.settings import Settings
 from trainwire.storage import SQLiteStore
+from trainwire.storage.tokens import TokenStore
 
 pytestmark = pytest.mark.browser
 
@@ -65,6 +67,33 @@ def test_a_live_run_is_drawn_and_resumes_without_a_gap_after_a_dropped_connectio
     assert errors == []
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / "live-run.png"), full_page=True)
+    page.close()
+
+
+def test_a_page_whose_share_token_is_revoked_says_so(live_server: LiveServer, browser: Any) -> None:
+    """The server closes its socket 4401 and refuses every reconnect: the page says
+    why, where it showed "reconnecting…" alone, as for a network outage."""
+    tokens = TokenStore(Settings(data_dir=live_server.data_dir).db_path)
+    token_id, secret = tokens.create("read", time.time(), None, "a colleague")
+    run = trainwire.init(project="browser", url=live_server.url)
+    run.log({"loss": 1.0})
+    page = browser.new_page()
+    page.goto(f"{live_server.url}/?token={secret}")
+    page.wait_for_selector('#conn[data-state="live"]')
+    assert tokens.revoke(token_id)
+    tokens.close()
+    status = page.locator("#status")
+
+    def refused() -> bool:
+        # Frames for the page: its token is read again at one of them (at most a
+        # second after the last read, RECHECK_SECONDS).
+        run.log({"loss": 0.5})
+        return status.is_visible()
+
+    assert wait_until(refused, 15_000 * MS, interval=100 * MS)
+    run.finish()
+    assert "token revoked or expired" in status.inner_text()
+    page.wait_for_selector('#conn[data-state="reconnecting"]')
     page.close()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -46,10 +47,14 @@ def _events(conn: socket.socket, protocol: ServerProtocol) -> list[object]:
 
 @contextmanager
 def server(
-    script: Script, *, status: int | None = None, receive_buffer: int | None = None
+    script: Script,
+    *,
+    status: int | None = None,
+    receive_buffer: int | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> Iterator[str]:
     """A one-connection WebSocket server on port 0 that accepts (or answers
-    ``status``), then runs ``script``; yields its ws:// URL."""
+    ``status``), then runs ``script``; yields its ws:// URL (wss:// with ``tls``)."""
     listener = socket.create_server(("127.0.0.1", 0))
     if receive_buffer is not None:  # inherited by the connection it accepts
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
@@ -58,6 +63,8 @@ def server(
     def serve() -> None:
         conn, _ = listener.accept()
         conn.settimeout(5000 * MS)
+        if tls is not None:
+            conn = tls.wrap_socket(conn, server_side=True)
         with conn:
             try:
                 protocol = ServerProtocol(max_size=None)
@@ -79,18 +86,25 @@ def server(
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     try:
-        yield f"ws://127.0.0.1:{listener.getsockname()[1]}/ws/ingest"
+        scheme = "ws" if tls is None else "wss"
+        yield f"{scheme}://127.0.0.1:{listener.getsockname()[1]}/ws/ingest"
         thread.join(5000 * MS)
         assert not errors, errors
     finally:
         listener.close()
 
 
-def open_link(url: str, *, ping_interval: float = 10.0, ping_timeout: float = 5.0) -> Link:
+def open_link(
+    url: str,
+    *,
+    ping_interval: float = 10.0,
+    ping_timeout: float = 5.0,
+    ssl_context: ssl.SSLContext | None = None,
+) -> Link:
     return Link.open(
         url,
         {"Authorization": "Bearer t"},
-        ssl_context=None,
+        ssl_context=ssl_context,
         open_timeout=5000 * MS,
         ping_interval=ping_interval,
         ping_timeout=ping_timeout,
@@ -208,6 +222,43 @@ def test_a_server_that_stops_answering_is_found_dead_by_keepalive() -> None:
         silent.set()
     assert 100 * MS <= took < 1000 * MS  # a ping due after 50 ms, then 100 ms unanswered
     assert closed_in < 100 * MS
+
+
+def test_over_tls_a_pong_behind_other_frames_is_read_and_the_link_kept() -> None:
+    """A TLS recv gives one record, one server frame: read once, a pong queued behind
+    acks was left in the socket, and a trainer over wss logging a few rows a second
+    dropped its link as dead every few seconds ("no pong within 3 s")."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    ponged = threading.Event()
+
+    def acks_then_pong(conn: socket.socket, protocol: ServerProtocol) -> None:
+        for n in range(3):  # the acks of three batches, one record each
+            protocol.send_binary(b"ack %d" % n)
+            _send(conn, protocol)
+        while not ponged.is_set():  # websockets answers the ping itself, behind them
+            if any(
+                isinstance(e, Frame) and e.opcode is Opcode.PING for e in _events(conn, protocol)
+            ):
+                ponged.set()
+        _events(conn, protocol)  # the client's close
+
+    with server(acks_then_pong, tls=server_context) as url:
+        link = open_link(
+            url, ping_interval=10 * MS, ping_timeout=50 * MS, ssl_context=client_context
+        )
+        while link.next_deadline() - time.monotonic() > 0:  # the ping falls due
+            time.sleep(link.next_deadline() - time.monotonic())
+        link.keepalive()  # sends it
+        assert ponged.wait(5000 * MS)
+        time.sleep(max(0.0, link.next_deadline() - time.monotonic()))  # its answer is due
+        link.keepalive()  # reads what is there: the pong too, so no LinkTimeout
+        assert link.receive(0.0) == [b"ack 0", b"ack 1", b"ack 2"]
+        link.close()
 
 
 def test_a_live_server_keeps_the_link_alive_through_many_pings() -> None:

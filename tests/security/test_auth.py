@@ -335,6 +335,39 @@ def test_a_token_in_a_page_url_moves_to_an_http_only_strict_cookie(
     assert not morsel["secure"]  # plain http here; test_tls checks Secure under https
 
 
+@pytest.mark.parametrize(
+    ("base_url", "origins"),
+    [
+        # README's nginx setup: TLS ends at the proxy, which passes the Host it got.
+        ("http://proxy.example", ("https://proxy.example/",)),
+        ("http://proxy.example:8443", ("https://proxy.example:8443",)),
+        # A proxy that says X-Forwarded-Proto: https, which uvicorn makes the scheme.
+        ("https://testserver", ()),
+    ],
+)
+def test_behind_a_proxy_terminating_tls_the_token_cookie_is_secure(
+    tmp_path: Path, base_url: str, origins: tuple[str, ...]
+) -> None:
+    settings = settings_for(tmp_path, allowed_origins=origins)
+    with TestClient(create_app(settings), base_url=base_url, follow_redirects=False) as client:
+        response = client.get(f"/?token={ADMIN_TOKEN}")
+    assert response.status_code == 303
+    cookie: SimpleCookie = SimpleCookie()
+    cookie.load(response.headers["set-cookie"])
+    assert cookie[COOKIE]["secure"] is True
+
+
+def test_an_https_origin_does_not_make_the_cookie_of_other_hosts_secure(tmp_path: Path) -> None:
+    """The same server reached over plain http by another name (an SSH tunnel's
+    127.0.0.1): a Secure cookie from an http page would not be kept there."""
+    settings = settings_for(tmp_path, allowed_origins=("https://proxy.example",))
+    with TestClient(create_app(settings), follow_redirects=False) as client:
+        response = client.get(f"/?token={ADMIN_TOKEN}")
+    cookie: SimpleCookie = SimpleCookie()
+    cookie.load(response.headers["set-cookie"])
+    assert not cookie[COOKIE]["secure"]
+
+
 def test_the_cookie_alone_then_authenticates_pages_api_and_the_dashboard_socket(
     secured: Secured,
 ) -> None:

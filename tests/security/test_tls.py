@@ -173,6 +173,37 @@ def test_without_trainwire_ca_the_client_refuses_the_untrusted_certificate(
     assert tls_server.get_json("/api/runs") == []  # nothing got through
 
 
+@pytest.mark.parametrize("ca", ["missing.pem", "not-a-certificate.pem"])
+def test_a_trainwire_ca_that_cannot_be_used_is_named_and_the_rows_are_kept(
+    tls_server: TLSServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    ca: str,
+) -> None:
+    """Not "server unreachable ([Errno 2] No such file or directory)", which sent the
+    user looking at the server."""
+    (tmp_path / "not-a-certificate.pem").write_text("not a certificate\n")
+    monkeypatch.setenv("TRAINWIRE_CA", str(tmp_path / ca))
+    caplog.set_level(logging.WARNING, logger="trainwire.client")
+    waiter = _Waiter("trainwire_ca=")
+    logging.getLogger("trainwire.client").addHandler(waiter)
+    try:
+        run = trainwire.init(project="tls", url=tls_server.url, resume="earlier-run")
+        run.log({"loss": 1.0})
+        assert waiter.seen.wait(10_000 * MS), caplog.text
+        run.finish(timeout=50 * MS)
+    finally:
+        logging.getLogger("trainwire.client").removeHandler(waiter)
+    said = [
+        r.getMessage() for r in caplog.records if f"TRAINWIRE_CA={tmp_path / ca}" in r.getMessage()
+    ]
+    assert any("last step" in message for message in said), caplog.text  # the resume read
+    assert any("ws/ingest" in message for message in said), caplog.text  # the sender
+    assert not run.delivered
+    assert run.path.exists()  # kept for trainwire sync
+
+
 def test_a_dashboard_socket_over_wss_is_served(tls_server: TLSServer) -> None:
     with connect(
         f"{tls_server.wss_url}/ws/dashboard",

@@ -42,6 +42,9 @@ from websockets.uri import parse_uri
 __all__ = ["Link", "LinkTimeout"]
 
 _READ_SIZE: Final = 1 << 16
+# The most TLS records one read takes (see Link._read_more_records): a bound on the
+# time it holds the sender, should the server send without pause.
+_MAX_RECORDS: Final = 256
 # A blocked send wakes this often to see whether the peer took anything (_send_all).
 SEND_SLICE: Final = 0.25
 
@@ -260,15 +263,16 @@ class Link:
         self._sock.settimeout(0.0)
         try:
             data = self._sock.recv(_READ_SIZE)
+            if data:
+                self._protocol.receive_data(data)
+                self._read_more_records()
         except ssl.SSLWantReadError:
             return True  # TLS took bytes and has nothing to give yet: wait again
         except BlockingIOError:
             return False
         finally:
             self._sock.settimeout(self.ping_timeout)  # sends: see open()
-        if data:
-            self._protocol.receive_data(data)
-        else:
+        if not data:
             self._protocol.receive_eof()
         for event in self._protocol.events_received():
             self._take(event)
@@ -282,6 +286,25 @@ class Link:
         if self._protocol.close_rcvd is not None or self._protocol.state is State.CLOSED:
             raise self._closed()
         return True
+
+    def _read_more_records(self) -> None:
+        """With TLS, the records already here after the first: a recv gives one, and
+        uvicorn writes one per frame. Read once, the acks a trainer reads every
+        ACK_READ_INTERVAL fell ever further behind, and a pong queued after them was
+        taken for a dead link. The socket is non-blocking (see _read)."""
+        if not isinstance(self._sock, ssl.SSLSocket):
+            return  # one recv of _READ_SIZE took what the kernel held
+        for _ in range(_MAX_RECORDS):
+            try:
+                data = self._sock.recv(_READ_SIZE)
+            except OSError:
+                # Nothing more yet (SSLWantReadError), or a failure the next read or
+                # send meets: what was read stands, a close frame among it included.
+                return
+            if not data:
+                self._protocol.receive_eof()
+                return
+            self._protocol.receive_data(data)
 
     def _buffered(self) -> bool:
         # Decrypted bytes the kernel no longer shows as readable.

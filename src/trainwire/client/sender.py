@@ -92,8 +92,20 @@ _transport_log: Final = _QuietTransportLog(logging.getLogger("trainwire.client.t
 
 
 def tls_context() -> ssl.SSLContext:
-    """Certificates verified, against ``TRAINWIRE_CA`` when set, else the system's."""
-    return ssl.create_default_context(cafile=os.environ.get("TRAINWIRE_CA") or None)
+    """Certificates verified, against ``TRAINWIRE_CA`` when set, else the system's.
+
+    Raises:
+        OSError: ``TRAINWIRE_CA`` cannot be read, or holds no certificate.
+    """
+    cafile = os.environ.get("TRAINWIRE_CA") or None
+    try:
+        return ssl.create_default_context(cafile=cafile)
+    except OSError as exc:  # ssl.SSLError included
+        if cafile is None:
+            raise
+        # Named: alone, "[Errno 2] No such file or directory" read as the server's
+        # fault ("server ... unreachable"), at every connection attempt.
+        raise OSError(f"TRAINWIRE_CA={cafile} cannot be used: {exc.strerror or exc}") from exc
 
 
 class Sender(threading.Thread):

@@ -221,12 +221,13 @@ function formatLag(seconds) {
 
 let statusTimer = null;
 
-/** Show a message briefly in the status area. */
-function showStatus(text) {
+/** Show a message in the status area: briefly, or with `keep` until the next one. */
+function showStatus(text, { keep = false } = {}) {
   el.status.textContent = text;
   el.status.title = text;
   el.status.hidden = false;
   clearTimeout(statusTimer);
+  if (keep) return;
   statusTimer = setTimeout(() => {
     el.status.hidden = true;
     el.status.textContent = "";
@@ -276,6 +277,11 @@ function connect() {
     socket = null;
     attempt = attemptAfterClose(attempt, openedAt === null ? null : performance.now() - openedAt);
     if (event.reason) console.warn(`trainwire: connection closed: ${event.code} ${event.reason}`);
+    if (event.code === 4401 || event.code === 4403) {
+      // Its token revoked or expired (a share link), or this page's origin refused:
+      // every reconnect is refused alike, which "reconnecting…" alone never said.
+      showStatus(`refused by the server: ${event.reason || event.code}; open a new link`, { keep: true });
+    }
     scheduleReconnect();
   });
 }

@@ -201,7 +201,8 @@ class AuthMiddleware:
             # Quoted back: the path comes decoded, and a %0d%0a in it would make a
             # header no server may send (a 500, a traceback in the log).
             location = quote(path, safe="/:@!$&'()*+,;=~") + (f"?{rest}" if rest else "")
-            await self._redirect_with_cookie(send, location, from_query)
+            secure = self._served_over_https(scope, headers)
+            await self._redirect_with_cookie(send, location, from_query, secure=secure)
             return
         await self.app(scope, receive, send)
 
@@ -260,11 +261,24 @@ class AuthMiddleware:
         own = f"{scheme}://{headers.get('host', '')}"
         return origin == own or origin in self.allowed_origins
 
-    async def _redirect_with_cookie(self, send: Send, location: str, token: str) -> None:
+    def _served_over_https(self, scope: Scope, headers: Headers) -> bool:
+        """Whether the browser reached us over https: our own TLS, or a reverse proxy
+        terminating it, which says so (X-Forwarded-Proto, taken by uvicorn from a
+        proxy on loopback) or names the host of an https ``--allow-origin``. A cookie
+        without Secure there went in clear to any http:// URL of the same host (a
+        typed address, the proxy's redirect to https), the token with it."""
+        if self.secure_cookie or scope.get("scheme") == "https":
+            return True
+        host = headers.get("host", "")
+        return f"https://{host}" in self.allowed_origins
+
+    async def _redirect_with_cookie(
+        self, send: Send, location: str, token: str, *, secure: bool
+    ) -> None:
         # Quoted: a token of the user's own (--token) may hold what a cookie cannot (a
         # space, a ";"); read back by _cookie.
         cookie = f"{COOKIE}={quote(token, safe='')}; Path=/; HttpOnly; SameSite=Strict"
-        if self.secure_cookie:
+        if secure:
             cookie += "; Secure"
         await send(
             {
