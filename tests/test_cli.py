@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import socket
 import stat
@@ -81,6 +82,19 @@ def test_an_empty_or_unset_trainwire_host_binds_loopback(host: str | None) -> No
     env = {} if host is None else {"TRAINWIRE_HOST": host}
     assert Settings.from_env(env).host == "127.0.0.1"
     assert Settings.from_env({"TRAINWIRE_HOST": "0.0.0.0"}).host == "0.0.0.0"
+
+
+def test_a_share_link_names_the_host_other_machines_reach_the_server_by(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A server bound to every interface wrote both URLs down; the share link, made
+    for a colleague, takes the one that reaches it from elsewhere."""
+    data = tmp_path / "data"
+    data.mkdir()
+    found = {"url": "http://127.0.0.1:8765", "public_url": "http://gpu-7.lab:8765", "pid": 1}
+    (data / "server.json").write_text(json.dumps(found))
+    assert main(["token", "--data", str(data), "create"]) == 0
+    assert "share link: http://gpu-7.lab:8765/?token=" in capsys.readouterr().out
 
 
 def test_a_token_that_would_be_born_expired_is_refused(tmp_path: Path) -> None:

@@ -234,7 +234,13 @@ def _token(args: argparse.Namespace, env: Settings) -> int:
         if args.action == "create":
             expires = now + parse_duration(args.expires) if args.expires else None
             token_id, secret = tokens.create(args.scope, now, expires, args.note)
-            url = read_discovery(args.data) or f"http://{env.host}:{env.port}"
+            # For a colleague: the name other machines reach the server by, if it
+            # serves them (a link to 127.0.0.1 sent them, and the secret, to their own).
+            url = (
+                read_discovery(args.data, "public_url")
+                or read_discovery(args.data)
+                or f"http://{env.host}:{env.port}"
+            )
             until = time.strftime("%Y-%m-%d %H:%M", time.localtime(expires)) if expires else "never"
             print(f"token {token_id} ({args.scope}, expires {until}):")
             print(secret)

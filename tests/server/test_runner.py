@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from tests.conftest import MS
 from trainwire.server.app import create_app
-from trainwire.server.runner import bind, dashboard_link
+from trainwire.server.runner import bind, dashboard_link, public_url, server_url
 from trainwire.settings import Settings
 
 
@@ -54,3 +54,13 @@ def test_the_printed_dashboard_link_logs_in_with_any_token(tmp_path: Path, token
         assert response.status_code == 303
         assert response.headers["location"] == "/"
         assert client.get("/api/runs").status_code == 200  # with the cookie it set
+
+
+def test_a_server_bound_to_every_interface_names_this_machine_for_the_others() -> None:
+    """Its link read 127.0.0.1, which sends a colleague (and the token in the link)
+    to their own machine."""
+    with bind("0.0.0.0", 0) as everywhere, bind("127.0.0.1", 0) as loopback:
+        port = everywhere.getsockname()[1]
+        assert server_url(everywhere) == f"http://127.0.0.1:{port}"  # for this machine
+        assert public_url(everywhere, tls=True) == f"https://{socket.getfqdn()}:{port}"
+        assert public_url(loopback) is None  # server_url names its one address

@@ -59,13 +59,15 @@ def local_token(data_dir: Path) -> str | None:
         return None
 
 
-def read_discovery(data_dir: Path) -> str | None:
-    """The URL a server serving ``data_dir`` wrote down, if any."""
+def read_discovery(data_dir: Path, field: str = "url") -> str | None:
+    """The URL a server serving ``data_dir`` wrote down, if any: the one this machine
+    reaches it by, or with ``field="public_url"`` the one other machines do (only
+    for a server bound to every interface)."""
     try:
         info = json.loads((data_dir / DISCOVERY_FILE).read_text())
     except (OSError, ValueError):
         return None
-    url = info.get("url") if isinstance(info, dict) else None
+    url = info.get(field) if isinstance(info, dict) else None
     return url if isinstance(url, str) else None
 
 

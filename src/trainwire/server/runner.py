@@ -65,6 +65,18 @@ def server_url(sock: socket.socket, tls: bool = False) -> str:
     return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
+def public_url(sock: socket.socket, tls: bool = False) -> str | None:
+    """The URL other machines reach a server bound to every interface by (this
+    machine's name), or None for one bound to an address of its own, which
+    :func:`server_url` already names. Links shared with a colleague need it: one
+    naming 127.0.0.1 sends them, token and all, to their own machine."""
+    host, port = sock.getsockname()[:2]
+    if host not in ("0.0.0.0", "::"):
+        return None
+    scheme = "https" if tls else "http"
+    return f"{scheme}://{socket.getfqdn()}:{port}"
+
+
 def admin_token(settings: Settings) -> str | None:
     """The server's admin token: the one given, else the one in ``data_dir/token``,
     made (readable by its owner alone) on first start. None with auth off."""
@@ -218,13 +230,16 @@ def _serve(settings: Settings, port_fallback: bool, ready_fd: int | None) -> Non
             settings = dataclasses.replace(settings, token=admin_token(settings))
             sock = bind(settings.host, settings.port, fallback=port_fallback)
             url = server_url(sock, tls=settings.tls)
+            public = public_url(sock, tls=settings.tls)
             discovery = settings.data_dir / DISCOVERY_FILE
-            discovery.write_text(
-                json.dumps({"url": url, "pid": os.getpid(), "version": __version__})
-            )
+            found = {"url": url, "pid": os.getpid(), "version": __version__}
+            discovery.write_text(json.dumps({**found, "public_url": public} if public else found))
             try:
                 logger.info("trainwire %s serving %s at %s", __version__, settings.data_dir, url)
                 print(f"trainwire dashboard: {dashboard_link(url, settings.token)}", flush=True)
+                if public:
+                    link = dashboard_link(public, settings.token)
+                    print(f"from other machines: {link}", flush=True)
                 fd, ready_fd = ready_fd, None
                 _signal_ready(fd, url)
                 server = uvicorn.Server(uvicorn_config(create_app(settings), settings))
