@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
+import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -49,6 +51,28 @@ def test_a_server_another_process_started_a_moment_before_is_joined_not_claimed(
     assert ensure_local_server(data_dir, port=0) == url
     assert caplog.text.count("started a server") == 1
     assert f"using the server at {url}" in caplog.text
+
+
+def test_the_local_server_is_found_past_a_proxy_set_for_the_internet(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Clusters set http_proxy, often without no_proxy: the health check went to the
+    proxy, the server on this machine looked absent, and every init() started
+    another."""
+    url = ensure_local_server(data_dir, port=0)
+    with socket.socket() as proxy:  # listens, never answers: a proxy that cannot help
+        proxy.bind(("127.0.0.1", 0))
+        proxy.listen()
+        for variable in ("http_proxy", "HTTP_PROXY"):
+            monkeypatch.setenv(variable, f"http://127.0.0.1:{proxy.getsockname()[1]}")
+        monkeypatch.delenv("no_proxy", raising=False)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.setattr(urllib.request, "_opener", None)  # urlopen's, built once
+        assert is_trainwire(url, timeout=2.0)
+    with socket.socket() as not_http:  # a port held by something that speaks no HTTP
+        not_http.bind(("127.0.0.1", 0))
+        not_http.listen()
+        assert not is_trainwire(f"http://127.0.0.1:{not_http.getsockname()[1]}", timeout=0.2)
 
 
 def test_init_without_a_url_starts_the_local_server_that_outlives_the_run(

@@ -9,6 +9,7 @@ so concurrent scripts share it instead of racing to start several.
 from __future__ import annotations
 
 import fcntl
+import http.client
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Final
 
 from trainwire.client.notice import notice
+from trainwire.client.sender import tls_context
 from trainwire.exceptions import TransientError
 from trainwire.settings import DEFAULT_PORT, DISCOVERY_FILE, LOCK_FILE, READY_JOINED, TOKEN_FILE
 
@@ -38,15 +40,23 @@ _LAUNCHER: Final = (
 
 def is_trainwire(url: str, timeout: float = 2.0) -> bool:
     """Whether a trainwire server answers at ``url`` (``http://host:port``): one that
-    says so on ``/api/health``, or asks for a trainwire token there."""
+    says so on ``/api/health``, or asks for a trainwire token there.
+
+    Asked directly, as the trainer's WebSocket connects: through a cluster's
+    ``http_proxy`` (set without ``no_proxy``) a server on this machine looked absent,
+    and every ``init()`` started another, to find the first holding its data."""
     try:
-        with urllib.request.urlopen(f"{url}/api/health", timeout=timeout) as response:
+        handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+        if url.startswith("https:"):
+            handlers.append(urllib.request.HTTPSHandler(context=tls_context()))
+        opener = urllib.request.build_opener(*handlers)
+        with opener.open(f"{url}/api/health", timeout=timeout) as response:
             body = json.loads(response.read())
     except urllib.error.HTTPError as exc:
         realm = exc.headers.get("www-authenticate", "")
         exc.close()
         return exc.code == 401 and 'realm="trainwire"' in realm
-    except (OSError, ValueError):
+    except (OSError, ValueError, http.client.HTTPException):  # the last: no HTTP there
         return False
     return isinstance(body, dict) and body.get("app") == "trainwire"
 
