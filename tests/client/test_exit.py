@@ -79,6 +79,56 @@ def test_ctrl_c_during_the_exit_wait_saves_the_rows_and_exits_at_once(tmp_path: 
     assert path.exists()
 
 
+SCRIPT_100 = """
+import trainwire
+run = trainwire.init(id="left-open-term")
+for step in range(100):
+    run.log({"x": float(step)}, step=step)
+print(run.path, flush=True)
+"""
+
+
+def test_sigterm_during_the_exit_wait_saves_the_rows_then_ends_the_process() -> None:
+    """Jupyter's kernel restart or shutdown sends SIGTERM 2.5 s after asking the
+    kernel to exit (docker stop after 10 s): it ended the process at once, in the
+    exit's 30 s wait on a server away, and every row the sender held in memory was
+    lost, no run file written."""
+    env = {
+        **os.environ,
+        "TRAINWIRE_URL": UNREACHABLE,
+        "TRAINWIRE_SYSTEM_METRICS": "0",
+        "PYTHONPATH": os.pathsep.join(sys.path),
+    }
+    trainer = subprocess.Popen(
+        [sys.executable, "-c", SCRIPT_100],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert trainer.stdout is not None and trainer.stderr is not None
+    path = Path(trainer.stdout.readline().strip())
+    for line in trainer.stderr:  # the script ended; its finish at exit says it waits
+        if "left open at exit" in line:
+            break
+    assert trainer.poll() is None
+    trainer.terminate()
+    terminated = time.monotonic()
+    _, rest = trainer.communicate(timeout=30)
+    assert time.monotonic() - terminated < 10  # not the rest of the 30 s
+    assert trainer.returncode == -signal.SIGTERM  # then ended by it, as it would have been
+    assert "Traceback" not in rest, rest
+    outbox = SpillingOutbox.open_existing(path)
+    try:
+        items = outbox.items(1, 10)
+    finally:
+        outbox.close()
+    assert [row[0] for item in items if isinstance(item, Batch) for row in item.rows] == list(
+        range(100)
+    )
+    assert isinstance(items[-1], Finish)
+
+
 def test_ctrl_c_during_finish_saves_the_rows_before_it_stops_the_script() -> None:
     """Ctrl-C on a finish() waiting on a server away (the `with` block's too) went
     straight through: the run was no longer open, so the exit saved nothing, and the

@@ -14,6 +14,7 @@ import math
 import os
 import platform
 import secrets
+import signal
 import sys
 import threading
 import time
@@ -452,7 +453,9 @@ class _FinishAtExit:
             return
         started = time.monotonic()
         waiting = list(closing)
+        terminated = _TerminateAsInterrupt()
         try:
+            terminated.install()
             late = _still_sending(closing, started + NOTICE_AFTER)
             if late:
                 logger.warning(
@@ -468,6 +471,51 @@ class _FinishAtExit:
         except KeyboardInterrupt:
             logger.warning("trainwire: interrupted; saving what was not delivered")
             _save_now(waiting, status)
+        finally:
+            terminated.uninstall()
+
+
+class _TerminateAsInterrupt:
+    """SIGTERM, while the exit waits on a server, taken as Ctrl-C: what is not
+    delivered is saved to the run files, then the signal does what it would have.
+
+    Whoever stops a process politely gives it a few seconds, not the exit's 30:
+    Jupyter's kernel restart or shutdown sends SIGTERM 2.5 s after asking the kernel
+    to exit, docker stop after 10. Python's default answer ends the process at once,
+    and every row the sender held in memory died with it, no run file written."""
+
+    def __init__(self) -> None:
+        self._installed = False
+        self._previous: Any = signal.SIG_DFL
+        self.received = False
+
+    def install(self) -> None:
+        # Only the main thread may set a handler (the exit's own thread; a
+        # multiprocessing child's finalizers too, unless started elsewhere).
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:  # the script's choice
+            return
+        try:
+            previous = signal.signal(signal.SIGTERM, self._handle)
+        except (ValueError, OSError):
+            return
+        # None: a handler set outside Python, which cannot be put back; the default.
+        self._previous = signal.SIG_DFL if previous is None else previous
+        self._installed = True
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if not self.received:  # a second one must not cut the saving short
+            self.received = True
+            raise KeyboardInterrupt
+
+    def uninstall(self) -> None:
+        if not self._installed:
+            return
+        self._installed = False
+        signal.signal(signal.SIGTERM, self._previous)
+        if self.received:  # the rows are saved: now what SIGTERM was to do
+            signal.raise_signal(signal.SIGTERM)
 
 
 def _save_now(runs: list[Run], status: FinishStatus) -> None:
