@@ -571,6 +571,33 @@ def test_rows_undelivered_at_finish_stay_on_disk_and_sync_later(
         server.stop()
 
 
+def test_sync_leaves_the_spill_file_of_a_running_trainer_to_it(
+    live_server: LiveServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A spill file holds rows newer than those its trainer still has in memory:
+    synced while it ran (a folder of runs, one of them live), they moved the stream
+    past the older rows, which the server then took for resends, and lost."""
+    import socket
+
+    from trainwire.client.spool import SpillingOutbox
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    run = trainwire.init(url=f"http://127.0.0.1:{port}", max_memory_rows=1)
+    outbox = run._sender.session.outbox
+    assert isinstance(outbox, SpillingOutbox)
+    run.log({"x": 0.0})
+    assert wait_until(lambda: outbox.rows == 1, 10_000 * MS)  # held in memory
+    run.log({"x": 1.0})
+    assert wait_until(lambda: outbox.spilling, 10_000 * MS)  # the newer row on disk
+    assert main(["sync", str(run.path), "--url", live_server.url]) == 1
+    assert "is being written by a running trainer" in capsys.readouterr().out
+    run.finish(timeout=200 * MS)  # the rows held go to the file, first
+    assert main(["sync", str(run.path), "--url", live_server.url]) == 0
+    assert stored_steps(live_server, run.id, "x") == [0, 1]
+
+
 def test_a_name_lookup_that_never_answers_still_leaves_the_rows_on_disk(
     tmp_path: Path, hung_resolver: list[str]
 ) -> None:
@@ -811,6 +838,31 @@ def test_an_offline_run_whose_file_cannot_be_written_says_at_finish_what_was_los
         run.finish(timeout=10)
     assert not run.path.exists()
     assert f"2 rows of run {run.id} were dropped" in caplog.text
+
+
+def test_rows_the_run_file_cannot_take_at_finish_are_counted_as_dropped(
+    isolated_environment: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server away and the disk full at finish(): the rows held in memory are
+    gone with the sender. They were said to be undelivered (kept in the file, when
+    one was left) and never counted as dropped."""
+    import socket
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    run = trainwire.init(url=f"http://127.0.0.1:{port}", id="full-at-end")
+    blocker = run.path.parent
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_bytes(b"")  # as good as a full disk, to the end
+    with caplog.at_level(logging.INFO, logger="trainwire.client"):
+        run.log({"x": 0.0}, step=0)
+        run.log({"x": 1.0}, step=1)
+        run.finish(timeout=200 * MS)
+    assert not run.path.exists()
+    assert run._sender.dropped_rows == 2
+    assert f"2 rows of run {run.id} were dropped" in caplog.text
+    assert "0 rows undelivered" in caplog.text
 
 
 def test_a_link_that_dies_during_a_big_send_at_finish_still_leaves_the_rows_on_disk(

@@ -222,6 +222,10 @@ class Sender(threading.Thread):
                             outbox.path,
                             exc,
                         )
+                    # What the file could not take (a full disk) ends with this thread:
+                    # counted as dropped, not said by finish() to be kept for sync.
+                    self.dropped_rows += outbox.forget_held()
+                    self.dropped_rows += self.session.drop_newest_pending(self.session.queued_rows)
                 outbox.close()
 
     def _write_offline(self) -> None:

@@ -11,6 +11,7 @@ items carry their stream and sequence numbers, uploading a file twice
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import struct
@@ -106,6 +107,19 @@ class SpillingOutbox:
         except OSError as exc:
             raise ConfigError(f"cannot open {path}: {exc.strerror}") from exc
         try:
+            # A running trainer's spill file holds rows newer than those it still has
+            # in memory: uploaded first, they moved the stream past the older ones,
+            # which the server then took for resends and the trainer dropped as
+            # delivered. That trainer delivers its file itself (see _lock_spill).
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ConfigError(
+                    f"{path} is being written by a running trainer, which delivers it "
+                    "itself: sync it once that trainer has ended"
+                ) from None
+            except OSError:  # a file system without locks (some NFS): as before
+                pass
             if handle.read(len(MAGIC)) != MAGIC:
                 raise ConfigError(f"{path} is not a trainwire run file")
             header = msgspec.msgpack.decode(_read_record(handle) or b"", type=RunHeader)
@@ -271,6 +285,7 @@ class SpillingOutbox:
             raise
         self._file.close()
         self._file = open(self.path, "r+b", buffering=0)  # noqa: SIM115 - see _open
+        self._lock_spill(self._file)
         self._file.seek(0, os.SEEK_END)
         self._data_start = data_start
         self._index = index
@@ -327,8 +342,13 @@ class SpillingOutbox:
         if not self._index:
             if self._file is not None:
                 self._file.truncate(self._data_start)
-            for item in held:
-                self.append(item)
+            for written, item in enumerate(held):
+                try:
+                    self.append(item)
+                except BaseException:  # those not written stay held, to be counted
+                    self._memory.extend(held[written:])
+                    self._memory_rows = sum(i.row_count for i in self._memory)
+                    raise
             return
         try:
             self._replace_file(held)
@@ -338,6 +358,16 @@ class SpillingOutbox:
             raise
         self._disk_rows += held_rows
         self.spilled += len(held)
+
+    def forget_held(self) -> int:
+        """Forget the items held in memory (persist() could not write them); returns
+        their rows. They end with the sender, and must be counted as dropped rather
+        than said to be in the file."""
+        rows = self._memory_rows
+        self._memory.clear()
+        self._memory_rows = 0
+        self._memory_bytes = None
+        return rows
 
     def _rewrite(
         self, held: list[Sequenced], path: Path
@@ -390,10 +420,21 @@ class SpillingOutbox:
                 handle.close()
                 self.path.unlink(missing_ok=True)  # made again, whole, next time
                 raise
+            self._lock_spill(handle)
             self._file = handle
             if self.keep:
                 logger.info("trainwire: writing run to %s", self.path)
         return self._file
+
+    def _lock_spill(self, handle: IO[bytes]) -> None:
+        """Keep ``trainwire sync`` off a spill file while this process writes it (see
+        open_existing). Not an offline run's file, nor one persist() wrote: they hold
+        every row in order, and syncing them as they grow is safe. Released when the
+        file is closed, or the process dies."""
+        if self.keep:
+            return
+        with contextlib.suppress(OSError):  # a file system without locks: as before
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
     def _write_header(self, handle: IO[bytes]) -> int:
         """The magic line and the header, at the start of a new file; returns where
