@@ -202,3 +202,20 @@ def test_a_run_left_open_in_a_multiprocessing_child_is_finished_as_it_exits(
     run = live_server.store.get_run(run_id)
     assert run is not None and run.status == status
     assert live_server.store.metrics(run_id)[1]["x"].step == list(range(100))
+
+
+def test_a_new_init_in_a_notebook_finishes_the_run_of_the_previous_one(
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Re-running a notebook's init cell left the first run "running" until the
+    kernel exited, with nothing left to finish it by. A script keeps both."""
+    first = trainwire.init(url=live_server.url)
+    second = trainwire.init(url=live_server.url)  # a script: both stay open
+    assert first._sender.is_alive() and second._sender.is_alive()
+    monkeypatch.setattr(sys, "ps1", ">>> ", raising=False)  # as ipykernel and the REPL set
+    third = trainwire.init(url=live_server.url)
+    assert second.state.value == "finished"
+    assert live_server.store.get_run(second.id).status == "finished"  # type: ignore[union-attr]
+    assert first._sender.is_alive()  # not the last init()'s: the user still holds it
+    for run in (first, third):
+        run.finish()

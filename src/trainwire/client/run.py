@@ -731,8 +731,27 @@ def init(
             last_step=last,
             **options,
         )
+    _finish_previous()
     _current = run
     return run
+
+
+# How long a new init() in a notebook waits for the previous run's last rows: past
+# it they go to the run's file, as at finish().
+PREVIOUS_FINISH_TIMEOUT: Final = 10.0
+
+
+def _finish_previous() -> None:
+    """In an interactive session (a notebook, the REPL: ``sys.ps1``), a new
+    ``init()`` finishes the run of the previous one if it is still open, as wandb
+    does in notebooks. Re-running a notebook's init cell left the first run
+    "running" until the kernel exited, with nothing left to finish it by. A script
+    may hold several runs at once, and keeps them."""
+    previous = _current
+    if previous is None or previous.state is not RunState.RUNNING or not hasattr(sys, "ps1"):
+        return
+    notice(logger, "trainwire: finishing run %s, left open by the previous init()", previous.id)
+    previous.finish(timeout=PREVIOUS_FINISH_TIMEOUT)
 
 
 def _resumed_step(
