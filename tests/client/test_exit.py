@@ -49,7 +49,9 @@ print(run.path, flush=True)
 """
 
 
-def test_ctrl_c_during_the_exit_wait_saves_the_rows_and_exits_at_once(tmp_path: Path) -> None:
+def waiting_at_exit(script: str) -> tuple[subprocess.Popen[str], Path]:
+    """``script``, run with its server away, once it ended and its exit waits to
+    deliver the run it left open (it prints the run's path first)."""
     env = {
         **os.environ,
         "TRAINWIRE_URL": UNREACHABLE,
@@ -57,7 +59,7 @@ def test_ctrl_c_during_the_exit_wait_saves_the_rows_and_exits_at_once(tmp_path: 
         "PYTHONPATH": os.pathsep.join(sys.path),
     }
     trainer = subprocess.Popen(
-        [sys.executable, "-c", SCRIPT],
+        [sys.executable, "-c", script],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -71,6 +73,22 @@ def test_ctrl_c_during_the_exit_wait_saves_the_rows_and_exits_at_once(tmp_path: 
         if "left open at exit" in line:
             break
     assert trainer.poll() is None
+    return trainer, path
+
+
+def saved_steps(path: Path) -> tuple[list[int], object]:
+    """The steps of the rows in the run file at ``path``, and its last item."""
+    outbox = SpillingOutbox.open_existing(path)
+    try:
+        items = outbox.items(1, 10)
+    finally:
+        outbox.close()
+    steps = [row[0] for item in items if isinstance(item, Batch) for row in item.rows]
+    return steps, items[-1]
+
+
+def test_ctrl_c_during_the_exit_wait_saves_the_rows_and_exits_at_once() -> None:
+    trainer, path = waiting_at_exit(SCRIPT)
     trainer.send_signal(signal.SIGINT)
     interrupted = time.monotonic()
     _, rest = trainer.communicate(timeout=30)
@@ -93,40 +111,16 @@ def test_sigterm_during_the_exit_wait_saves_the_rows_then_ends_the_process() -> 
     kernel to exit (docker stop after 10 s): it ended the process at once, in the
     exit's 30 s wait on a server away, and every row the sender held in memory was
     lost, no run file written."""
-    env = {
-        **os.environ,
-        "TRAINWIRE_URL": UNREACHABLE,
-        "TRAINWIRE_SYSTEM_METRICS": "0",
-        "PYTHONPATH": os.pathsep.join(sys.path),
-    }
-    trainer = subprocess.Popen(
-        [sys.executable, "-c", SCRIPT_100],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert trainer.stdout is not None and trainer.stderr is not None
-    path = Path(trainer.stdout.readline().strip())
-    for line in trainer.stderr:  # the script ended; its finish at exit says it waits
-        if "left open at exit" in line:
-            break
-    assert trainer.poll() is None
+    trainer, path = waiting_at_exit(SCRIPT_100)
     trainer.terminate()
     terminated = time.monotonic()
     _, rest = trainer.communicate(timeout=30)
     assert time.monotonic() - terminated < 10  # not the rest of the 30 s
     assert trainer.returncode == -signal.SIGTERM  # then ended by it, as it would have been
     assert "Traceback" not in rest, rest
-    outbox = SpillingOutbox.open_existing(path)
-    try:
-        items = outbox.items(1, 10)
-    finally:
-        outbox.close()
-    assert [row[0] for item in items if isinstance(item, Batch) for row in item.rows] == list(
-        range(100)
-    )
-    assert isinstance(items[-1], Finish)
+    steps, last = saved_steps(path)
+    assert steps == list(range(100))
+    assert isinstance(last, Finish)
 
 
 def test_ctrl_c_during_finish_saves_the_rows_before_it_stops_the_script() -> None:
@@ -154,15 +148,9 @@ def test_ctrl_c_during_finish_saves_the_rows_before_it_stops_the_script() -> Non
         signal.signal(signal.SIGINT, previous)
     assert time.monotonic() - started < 10  # not the rest of the 30 s
     assert run._sender.ended.is_set()
-    outbox = SpillingOutbox.open_existing(run.path)
-    try:
-        items = outbox.items(1, 10)
-    finally:
-        outbox.close()
-    assert [row[0] for item in items if isinstance(item, Batch) for row in item.rows] == list(
-        range(100)
-    )
-    assert isinstance(items[-1], Finish)
+    steps, last = saved_steps(run.path)
+    assert steps == list(range(100))
+    assert isinstance(last, Finish)
 
 
 def _train_left_open(url: str, run_id: str, ending: str) -> None:

@@ -19,6 +19,7 @@ Decisions:
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -175,13 +176,8 @@ class Link:
         """
         try:
             self._protocol.send_binary(message)
-        except InvalidState:
-            try:
-                if self._protocol.close_rcvd is None:
-                    self._read(0.0)  # the server's close frame, if it is here, says why
-            except OSError:
-                pass  # reset since: the close frame already read (at the handshake) says why
-            raise self._closed() from None
+        except InvalidState:  # closed already: by the server, its close frame says why
+            raise (self._server_close() or self._closed()) from None
         self._flush_or_closed()
 
     def receive(self, timeout: float) -> list[bytes | str]:
@@ -336,14 +332,19 @@ class Link:
         try:
             self._flush()
         except OSError:
-            try:
-                self._read(0.0)
-            except ConnectionClosedError as closed:
-                if closed.rcvd is not None:
-                    raise closed from None
-            except OSError:
-                pass  # nothing more to read: the send's error stands
+            closed = self._server_close()
+            if closed is not None:
+                raise closed from None
             raise
+
+    def _server_close(self) -> ConnectionClosedError | None:
+        """The server's close, if its close frame was read, or is waiting in the
+        receive buffer (read now); None if it sent none. A reset that followed the
+        frame (the server gone since) does not hide it."""
+        if self._protocol.close_rcvd is None:
+            with contextlib.suppress(OSError, ConnectionClosedError):
+                self._read(0.0)
+        return self._closed() if self._protocol.close_rcvd is not None else None
 
     def _flush(self) -> None:
         for data in self._protocol.data_to_send():

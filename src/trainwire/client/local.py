@@ -17,12 +17,11 @@ import select
 import subprocess
 import sys
 import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Final
 
 from trainwire.client.notice import notice
-from trainwire.client.sender import tls_context
+from trainwire.client.sender import direct_opener, tls_context
 from trainwire.exceptions import TransientError
 from trainwire.settings import DEFAULT_PORT, DISCOVERY_FILE, LOCK_FILE, READY_JOINED, TOKEN_FILE
 
@@ -46,11 +45,8 @@ def is_trainwire(url: str, timeout: float = 2.0) -> bool:
     ``http_proxy`` (set without ``no_proxy``) a server on this machine looked absent,
     and every ``init()`` started another, to find the first holding its data."""
     try:
-        handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
-        if url.startswith("https:"):
-            handlers.append(urllib.request.HTTPSHandler(context=tls_context()))
-        opener = urllib.request.build_opener(*handlers)
-        with opener.open(f"{url}/api/health", timeout=timeout) as response:
+        context = tls_context() if url.startswith("https:") else None
+        with direct_opener(context).open(f"{url}/api/health", timeout=timeout) as response:
             body = json.loads(response.read())
     except urllib.error.HTTPError as exc:
         realm = exc.headers.get("www-authenticate", "")

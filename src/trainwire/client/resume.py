@@ -21,6 +21,8 @@ import urllib.request
 from typing import Any, Final
 from urllib.parse import quote, urlsplit
 
+from trainwire.client.sender import direct_opener
+
 __all__ = ["RESUME_TIMEOUT", "last_step"]
 
 # A resumed init() waits at most this long for the server: a refused connection
@@ -29,14 +31,6 @@ RESUME_TIMEOUT: Final = 3.0
 
 # The server URL as the client takes it (TRAINWIRE_URL may name the WebSocket).
 _HTTP_SCHEMES: Final = {"http": "http", "https": "https", "ws": "http", "wss": "https"}
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """A redirect is answered as the error it is here: the token stays with the
-    server it was meant for."""
-
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
 
 
 def last_step(
@@ -67,12 +61,7 @@ def last_step(
         f"{base}/api/runs/{quote(run_id, safe='')}",
         headers={"Authorization": f"Bearer {token}"} if token else {},
     )
-    opener = urllib.request.build_opener(
-        urllib.request.ProxyHandler({}),  # none, whatever the environment says
-        urllib.request.HTTPSHandler(context=ssl_context),
-        _NoRedirect(),
-    )
-    with opener.open(request, timeout=timeout) as response:
+    with direct_opener(ssl_context).open(request, timeout=timeout) as response:
         body: Any = json.loads(response.read())
     prefix = "" if rank is None else f"rank{rank}/"
     steps = [

@@ -16,6 +16,7 @@ import random
 import ssl
 import threading
 import time
+import urllib.request
 from collections import deque
 from typing import Any, Final
 
@@ -106,6 +107,27 @@ def tls_context() -> ssl.SSLContext:
         # Named: alone, "[Errno 2] No such file or directory" read as the server's
         # fault ("server ... unreachable"), at every connection attempt.
         raise OSError(f"TRAINWIRE_CA={cafile} cannot be used: {exc.strerror or exc}") from exc
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is answered as the error it is: a request's token stays with the
+    server it was meant for (urllib forwards every header to any host, https to
+    http included)."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def direct_opener(ssl_context: ssl.SSLContext | None = None) -> urllib.request.OpenerDirector:
+    """An HTTP opener that reaches the server as the sender's WebSocket does:
+    straight (no ``http_proxy``, meant for the internet: through it a server on this
+    machine looked absent, and a plain-http token crossed the proxy), following no
+    redirect, with ``ssl_context`` for https."""
+    return urllib.request.build_opener(
+        urllib.request.ProxyHandler({}),
+        urllib.request.HTTPSHandler(context=ssl_context),
+        _NoRedirect(),
+    )
 
 
 class Sender(threading.Thread):
