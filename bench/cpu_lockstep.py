@@ -89,7 +89,7 @@ def worker(url: str, loop: str) -> None:
     )
     # Every other wall-clock timer of the sender too: acks read every 0.5 s and pings
     # every 2 s of wall time would come three times as often per second of its run.
-    for timer in ("IDLE_WAIT", "ACK_READ_INTERVAL", "PING_INTERVAL", "PING_TIMEOUT"):
+    for timer in ("IDLE_WAIT", "ACK_READ_INTERVAL", "PING_INTERVAL", "PING_TIMEOUT", "SPILL_AFTER"):
         setattr(sender_module, timer, WORKERS * getattr(sender_module, timer))
     sampler_init = system_module.SystemSampler.__init__
 

@@ -571,6 +571,117 @@ def test_rows_undelivered_at_finish_stay_on_disk_and_sync_later(
         server.stop()
 
 
+def test_rows_the_server_has_not_confirmed_in_time_go_to_disk_while_the_run_goes_on(
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Held in memory (up to max_memory_rows, 100,000 by default), the rows of an
+    outage died with a trainer killed before the server was back."""
+    from trainwire.client import sender as sender_module
+    from trainwire.client.spool import SpillingOutbox
+
+    caplog.set_level(logging.WARNING, logger="trainwire.client")
+    monkeypatch.setattr(sender_module, "SPILL_AFTER", 0.2)
+    live_server.stop()
+    run = trainwire.init(url=live_server.url, flush_interval=0.005)
+    outbox = run._sender.session.outbox
+    assert isinstance(outbox, SpillingOutbox)
+    for step in range(100):
+        run.log({"x": float(step)})
+    assert wait_until(lambda: outbox.spilling and outbox.rows == 100, 10_000 * MS)
+    assert "has not confirmed rows for 0.2 s: writing them to" in caplog.text
+    run.log({"x": 100.0})  # a later row follows them to the file
+    assert wait_until(lambda: outbox.rows == 101 and outbox.held_since is None, 10_000 * MS)
+    live_server.start()
+    run.finish(timeout=20_000 * MS)
+    assert run.delivered
+    assert stored_steps(live_server, run.id, "x") == list(range(101))
+    assert not run.path.exists()  # delivered: the file is gone
+
+
+def test_a_healthy_connection_keeps_its_rows_in_memory(
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Acknowledged within a flush and an ack read: no disk write while connected."""
+    from trainwire.client import sender as sender_module
+    from trainwire.client.spool import SpillingOutbox
+
+    monkeypatch.setattr(sender_module, "SPILL_AFTER", 1.0)
+    monkeypatch.setattr(sender_module, "ACK_READ_INTERVAL", 0.05)
+    run = trainwire.init(url=live_server.url, flush_interval=0.01)
+    outbox = run._sender.session.outbox
+    assert isinstance(outbox, SpillingOutbox)
+    step, until = 0, time.monotonic() + 3.0  # three times SPILL_AFTER of logging
+    while time.monotonic() < until:
+        run.log({"x": float(step)})
+        step += 1
+        if step % 100 == 0:
+            time.sleep(0.01)  # a training step's pace: about 10,000 rows a second
+    run.finish(timeout=20_000 * MS)
+    assert run.delivered and outbox.spilled == 0 and not run.path.exists()
+    assert stored_steps(live_server, run.id, "x") == list(range(step))
+
+
+KILLED_AWAY = """
+import sys, time, trainwire
+from trainwire.client import sender
+sender.SPILL_AFTER = 0.2
+run = trainwire.init(url=sys.argv[1], flush_interval=0.005)
+for step in range(500):
+    run.log({"x": float(step)})
+outbox = run._sender.session.outbox
+deadline = time.monotonic() + 10
+while not (outbox.spilling and outbox.rows == 500) and time.monotonic() < deadline:
+    time.sleep(0.01)
+print(run.path if outbox.spilling and outbox.rows == 500 else "held in memory", flush=True)
+time.sleep(60)  # killed here, as a preempted job is
+"""
+
+
+def test_a_trainer_killed_while_the_server_is_away_leaves_its_rows_for_sync(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job preempted during an outage, then resumed once the server is back: the
+    resumed run names the file, and its rows, synced, join the run, which stays as
+    the resumed attempt ended it."""
+    import socket
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        trainer = subprocess.Popen(
+            [sys.executable, "-c", KILLED_AWAY, f"http://127.0.0.1:{port}"],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, TRAINWIRE_DATA=str(tmp_path / "trainer")),
+        )
+        try:
+            assert trainer.stdout is not None
+            said = trainer.stdout.readline().strip()
+        finally:
+            trainer.kill()
+            trainer.wait()
+            if trainer.stdout is not None:
+                trainer.stdout.close()
+    path = Path(said)
+    assert path.is_file(), said
+    server = LiveServer(data_dir=tmp_path / "server", port=port)
+    server.start()
+    try:
+        run_id = path.parent.name
+        monkeypatch.setenv("TRAINWIRE_DATA", str(tmp_path / "trainer"))
+        caplog.set_level(logging.INFO, logger="trainwire.client")
+        resumed = trainwire.init(resume=run_id, url=server.url)
+        assert f"{path} holds rows of run {run_id} that an earlier process left" in caplog.text
+        resumed.log({"x": 500.0}, step=500)
+        resumed.finish(timeout=20_000 * MS)
+        assert server.store.get_run(run_id).status == "finished"  # type: ignore[union-attr]
+        assert main(["sync", str(path), "--url", server.url]) == 0
+        assert sorted(stored_steps(server, run_id, "x")) == list(range(501))
+        assert server.store.get_run(run_id).status == "finished"  # type: ignore[union-attr]
+    finally:
+        server.stop()
+
+
 def test_sync_leaves_the_spill_file_of_a_running_trainer_to_it(
     live_server: LiveServer, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -6,7 +6,7 @@ import msgspec
 import pytest
 
 from trainwire.client import spool
-from trainwire.client.spool import SpillingOutbox, new_header
+from trainwire.client.spool import MAGIC, SpillingOutbox, new_header
 from trainwire.exceptions import ConfigError
 from trainwire.protocol.messages import Batch, Finish, RunSpec
 
@@ -290,3 +290,128 @@ def test_a_file_at_its_bound_is_not_rewritten_whole_at_every_flush(
     assert box.path.stat().st_size <= disk_bytes
     box.close()
     assert sum(copied) <= 4 * disk_bytes, (len(copied), sum(copied))
+
+
+# -- rows held too long (Sender._spill_stale) ---------------------------------------
+
+
+def test_held_since_is_when_the_oldest_item_still_in_memory_was_added(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = iter([10.0, 11.0, 12.0])
+    monkeypatch.setattr(spool.time, "monotonic", lambda: next(clock))
+    box = outbox(tmp_path, memory_rows=100)
+    assert box.held_since is None
+    for seq in range(1, 4):
+        box.append(batch(seq))
+    assert box.held_since == 10.0
+    box.drop_through(2)
+    assert box.held_since == 12.0
+    box.drop_through(3)
+    assert box.held_since is None
+    box.close()
+
+
+def test_items_held_too_long_move_to_the_file_and_later_ones_follow_until_it_drains(
+    tmp_path: Path,
+) -> None:
+    box = outbox(tmp_path, memory_rows=100)
+    for seq in range(1, 4):
+        box.append(batch(seq))
+    assert not box.spilling
+    box.spill_held()
+    assert box.spilling and box.held_since is None and box.rows == 6
+    box.append(batch(4))  # with room in memory, but newer than the file: to the file
+    assert box.spilled == 4 and box.items(1, 10) == [batch(s) for s in range(1, 5)]
+    box.close()  # as a killed process leaves it: every item on disk, in order
+    again = SpillingOutbox.open_existing(tmp_path / "run" / "s.twrun")
+    assert again.items(1, 10) == [batch(s) for s in range(1, 5)]
+    again.close()
+
+
+def test_a_drained_file_starts_over_and_memory_is_used_again(tmp_path: Path) -> None:
+    box = outbox(tmp_path, memory_rows=100)
+    box.append(batch(1))
+    box.spill_held()
+    box.drop_through(1)  # the server has it: the file is emptied
+    box.append(batch(2))
+    assert not box.spilling and box.spilled == 1 and box.held_since is not None
+    box.spill_held()  # the file is written afresh, the acknowledged item not in it
+    assert box.items(1, 10) == [batch(2)]
+    box.close()
+    again = SpillingOutbox.open_existing(tmp_path / "run" / "s.twrun")
+    assert again.items(1, 10) == [batch(2)]
+    again.close()
+
+
+def test_items_held_go_before_the_newer_ones_already_on_disk(tmp_path: Path) -> None:
+    box, items = spilled_outbox(tmp_path)  # the oldest in memory, the rest on disk
+    box.spill_held()
+    assert box.held_since is None and box.items(1, 100) == items
+    box.close()
+    again = SpillingOutbox.open_existing(box.path)
+    assert again.items(1, 100) == items
+    again.close()
+
+
+def test_a_failed_move_to_the_file_keeps_the_items_in_memory_and_the_file_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    box = outbox(tmp_path, memory_rows=100)
+    box.append(batch(1))
+    box.spill_held()
+    box.drop_through(1)  # a file with only acknowledged bytes, still open
+    size = box.path.stat().st_size
+    for seq in range(2, 5):
+        box.append(batch(seq))
+    real_write_all = spool._write_all
+
+    def half_then_fail(handle: object, data: bytes) -> None:
+        real_write_all(handle, data[: len(data) // 2])  # type: ignore[arg-type]
+        raise OSError("disk full")
+
+    monkeypatch.setattr(spool, "_write_all", half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        box.spill_held()
+    assert not box.spilling and box.items(2, 10) == [batch(s) for s in range(2, 5)]
+    assert box.path.stat().st_size <= size  # nothing half-written left behind
+    monkeypatch.undo()
+    box.spill_held()  # tried again later: all of them, in order
+    box.append(batch(5))
+    assert box.items(2, 10) == [batch(s) for s in range(2, 6)]
+    box.close()
+    again = SpillingOutbox.open_existing(box.path)
+    assert again.items(2, 10) == [batch(s) for s in range(2, 6)]
+    again.close()
+
+
+def test_files_left_undelivered_are_those_of_ended_writers_of_this_rank(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "run"
+
+    def run_file(stream: str, rank: int | None, items: int) -> SpillingOutbox:
+        box = SpillingOutbox(
+            folder / f"{stream}.twrun",
+            new_header(SPEC, stream, rank),
+            memory_rows=0,
+            disk_bytes=1 << 20,
+        )
+        for seq in range(1, items + 1):
+            box.append(batch(seq))
+        return box
+
+    run_file("killed", None, 3).close()  # what a killed trainer leaves
+    killed = (folder / "killed.twrun").read_bytes()
+    header_only = len(MAGIC) + 4 + len(msgspec.msgpack.encode(new_header(SPEC, "killed", None)))
+    (folder / "drained.twrun").write_bytes(killed[:header_only])  # killed once delivered
+    run_file("rank1", 1, 2).close()  # another rank's: that rank says it
+    running = run_file("running", None, 2)  # still written, locked: its trainer delivers it
+    (folder / "other.twrun").write_bytes(b"not a run file")
+    try:
+        assert spool.left_undelivered(folder, None) == [folder / "killed.twrun"]
+        assert spool.left_undelivered(folder, 1) == [folder / "rank1.twrun"]
+        assert spool.left_undelivered(tmp_path / "absent", None) == []
+    finally:
+        running.close()
+    assert folder / "running.twrun" in spool.left_undelivered(folder, None)

@@ -541,3 +541,42 @@ def test_streams_set_aside_count_for_nothing_and_those_kept_still_do(tmp_path: P
     store.open_run(SPEC, "late", now=5.0)
     store.set_status("r1", "late", "crashed", seq=1, now=6.0)
     assert store.get_run("r1").status == "crashed"  # type: ignore[union-attr]
+
+
+def test_a_file_uploaded_late_into_a_run_adds_its_rows_but_not_its_writers_fate(
+    tmp_path: Path,
+) -> None:
+    """A trainer killed while the server was away, its run resumed and finished,
+    then its file synced: the rows are stored, and the run stays finished."""
+    store = SQLiteStore(tmp_path / "t.db")
+    store.open_run(SPEC, "resumed", now=1.0)
+    store.set_status("r1", "resumed", "finished", seq=1, now=2.0)
+    assert store.open_run(SPEC, "killed", now=3.0, replay=True) == 0
+    assert store.get_run("r1").status == "finished"  # type: ignore[union-attr]
+    store.append_batch("r1", "killed", batch(1, 0, 1), now=3.0)
+    assert store.metrics("r1")[1]["loss"].step == [0, 1]
+    # A file persisted by an attempt that raised ends "crashed": set aside, it stays so.
+    store.set_status("r1", "killed", "crashed", seq=2, now=4.0)
+    assert store.get_run("r1").status == "finished"  # type: ignore[union-attr]
+    assert store.running_runs() == []
+
+
+def test_a_file_that_is_the_whole_run_ends_it_as_its_writer_did(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    store.open_run(SPEC, "offline", now=1.0, replay=True)  # a new run: its own status
+    assert store.get_run("r1").status == "running"  # type: ignore[union-attr]
+    store.set_status("r1", "offline", "finished", seq=1, now=2.0)
+    assert store.get_run("r1").status == "finished"  # type: ignore[union-attr]
+
+
+def test_a_file_uploaded_after_its_writer_was_declared_lost_does_not_revive_it(
+    tmp_path: Path,
+) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    store.open_run(SPEC, "killed", now=1.0)
+    store.mark_crashed("r1", now=2.0)  # the heartbeat timed out: the trainer is gone
+    store.open_run(SPEC, "killed", now=3.0, replay=True)  # its file, synced
+    assert store.get_run("r1").status == "crashed"  # type: ignore[union-attr]
+    assert store.running_runs() == []
+    store.open_run(SPEC, "killed", now=4.0)  # the trainer itself, back: revived
+    assert store.get_run("r1").status == "running"  # type: ignore[union-attr]

@@ -33,7 +33,7 @@ from trainwire.client.local import ensure_local_server, local_token
 from trainwire.client.notice import notice
 from trainwire.client.resume import RESUME_TIMEOUT, last_step
 from trainwire.client.sender import OPEN_TIMEOUT, LoggedRow, Sender, tls_context
-from trainwire.client.spool import SpillingOutbox, new_header
+from trainwire.client.spool import SpillingOutbox, left_undelivered, new_header
 from trainwire.client.system import SystemSampler
 from trainwire.client.tensors import read_cpu_scalars
 from trainwire.exceptions import ConfigError
@@ -147,6 +147,20 @@ class Run:
         )
         self._sender.continue_after(last_step)
         self._system: SystemSampler | None = None
+        if enabled and not offline:
+            # A run id used before here (resume=, a torchrun restart, an id= of the
+            # user's): rows an earlier process left undelivered wait in its files,
+            # which nothing else would point to (a killed trainer said nothing).
+            for left in left_undelivered(self.path.parent, rank):
+                notice(
+                    logger,
+                    "trainwire: %s holds rows of run %s that an earlier process left "
+                    "undelivered: `trainwire sync %s` uploads them (storing nothing "
+                    "twice), after which the file can go",
+                    left,
+                    self.id,
+                    left,
+                )
         if enabled:
             self._sender.start()
             _live_runs.add(self)

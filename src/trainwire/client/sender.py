@@ -72,6 +72,13 @@ IDLE_WAIT: Final = 1.0
 ACK_READ_INTERVAL: Final = 0.5
 # The longest a live connection waits for the server's answer to its close frame.
 CLOSE_TIMEOUT: Final = 1.0
+# Rows the server has not acknowledged this many seconds after they were batched go
+# to the run's file, with every later row until it has them all: held in memory, they
+# would die with the process, and a job preempted (SIGTERM, then SIGKILL) or killed for
+# its memory while the server is away lost every row since the outage, up to
+# max_memory_rows. A connected server acknowledges within a flush and an ack read
+# (under a second); a restart of the server takes a few seconds, which stay in memory.
+SPILL_AFTER: Final = 5.0
 # Rows kept in memory while the run file cannot be written (a full disk, a path made
 # unwritable): tried again every pass; past this, new rows are dropped and counted.
 UNWRITTEN_ROWS: Final = 100_000
@@ -341,6 +348,7 @@ class Sender(threading.Thread):
         now = time.monotonic()
         until = now + min(delay, self._time_left())
         interval, last_drain = self.flush_interval, now
+        self._spill_stale(now)
         while (left := until - now) > 0:
             if self._wake.wait(min(left, interval)):
                 self._wake.clear()  # woken once by close(); later waits back off again
@@ -349,6 +357,37 @@ class Sender(threading.Thread):
             rows = self._drain_retrying()
             interval = self.pace(rows, now - last_drain) if rows else IDLE_WAIT
             last_drain = now
+            self._spill_stale(now)
+
+    def _spill_stale(self, now: float) -> None:
+        """Rows unacknowledged for SPILL_AFTER seconds go to the run's file (see there).
+        A failed write leaves them in memory, said once, and is tried again next pass."""
+        outbox = self.session.outbox
+        if not isinstance(outbox, SpillingOutbox):
+            return
+        since = outbox.held_since
+        if since is None or now - since < SPILL_AFTER:
+            return
+        try:
+            outbox.spill_held()
+        except Exception as exc:  # OSError mostly: as _drain_retrying's
+            self._warn_once(
+                "write",
+                "trainwire could not write run %s to %s (%s); retrying",
+                self.session.run.id,
+                outbox.path,
+                exc,
+            )
+            return
+        self._warn_once(
+            "spill",
+            "trainwire: server %s has not confirmed rows for %g s: writing them to %s "
+            "until it does (a process killed meanwhile leaves them there for "
+            "`trainwire sync`)",
+            self.url,
+            SPILL_AFTER,
+            outbox.path,
+        )
 
     def _connect_and_pump(self, url: str) -> None:
         self._drain()
@@ -382,6 +421,7 @@ class Sender(threading.Thread):
                 next_flush = now + self.pace(rows, now - last_drain)
                 last_drain = now
                 idle = rows == 0  # a whole interval with nothing logged
+                self._spill_stale(now)  # connected, but the server not answering
             # After an ack this only refills the window (a backlog being replayed).
             for frame in self.session.frames_to_send():
                 ws.send(frame)

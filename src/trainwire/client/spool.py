@@ -15,6 +15,7 @@ import fcntl
 import logging
 import os
 import struct
+import time
 from collections import deque
 from pathlib import Path
 from typing import IO, Final
@@ -24,7 +25,7 @@ import msgspec
 from trainwire.exceptions import ConfigError
 from trainwire.protocol.messages import PROTOCOL_VERSION, Finish, RunSpec, Sequenced
 
-__all__ = ["MAGIC", "RunHeader", "SpillingOutbox", "new_header"]
+__all__ = ["MAGIC", "RunHeader", "SpillingOutbox", "left_undelivered", "new_header"]
 
 logger = logging.getLogger("trainwire.client")
 
@@ -83,6 +84,8 @@ class SpillingOutbox:
         self.disk_bytes = disk_bytes
         self.keep = keep
         self._memory: deque[Sequenced] = deque()
+        # When each item in memory was added (time.monotonic): see held_since.
+        self._memory_times: deque[float] = deque()
         self._memory_rows = 0
         # The bytes the items in memory will take in the file once persist() moves
         # them there; known (None: not yet counted) only while the file is in use.
@@ -197,9 +200,13 @@ class SpillingOutbox:
     def append(self, item: Sequenced) -> None:
         if self._goes_to_memory(item):
             self._memory.append(item)
+            self._memory_times.append(time.monotonic())
             self._memory_rows += item.row_count
             self._memory_bytes = None
             return
+        self._write(item)
+
+    def _write(self, item: Sequenced) -> None:
         handle = self._open()
         body = self._encoded(item)
         offset = handle.seek(0, os.SEEK_END)
@@ -235,6 +242,7 @@ class SpillingOutbox:
     def drop_through(self, seq: int) -> None:
         while self._memory and self._memory[0].seq <= seq:
             item = self._memory.popleft()
+            self._memory_times.popleft()
             self._memory_rows -= item.row_count
             if self._memory_bytes is not None:
                 self._memory_bytes -= _LENGTH.size + len(_encoder.encode(item))
@@ -336,6 +344,7 @@ class SpillingOutbox:
             return
         held, held_rows = list(self._memory), self._memory_rows
         self._memory.clear()
+        self._memory_times.clear()  # the process is ending: their ages no longer matter
         self._memory_rows = 0
         self._memory_bytes = None
         self.memory_rows = 0  # from now on, everything goes to the file
@@ -359,12 +368,57 @@ class SpillingOutbox:
         self._disk_rows += held_rows
         self.spilled += len(held)
 
+    @property
+    def held_since(self) -> float | None:
+        """When the oldest item still held in memory was added (``time.monotonic``);
+        None if none is."""
+        return self._memory_times[0] if self._memory_times else None
+
+    def spill_held(self) -> None:
+        """Move the items held in memory to the file, and every later item with them,
+        until the server has acknowledged the file's last (then it starts over, as after
+        a spill past the memory bound). The sender calls it once items have waited too
+        long for the server (Sender._spill_stale): held in memory, they die with the
+        process (a job preempted, killed for its memory) while the server is away.
+
+        All or nothing: on a failure (raised) the items stay in memory and the file is
+        as it was, since an item in memory must never be newer than one on disk.
+        """
+        if not self._memory:
+            return
+        held, held_rows = list(self._memory), self._memory_rows
+        if self._index:  # memory holds the older items: a new file, them first
+            self._replace_file(held)
+            self._disk_rows += held_rows
+        else:
+            handle = self._open()
+            handle.truncate(self._data_start)  # nothing undelivered on disk: acknowledged only
+            offset = handle.seek(0, os.SEEK_END)
+            bodies = [_encoder.encode(item) for item in held]
+            try:  # one write: a failure leaves nothing half-moved
+                _write_all(handle, b"".join(_LENGTH.pack(len(b)) + b for b in bodies))
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    handle.truncate(offset)
+                    handle.seek(offset)
+                raise
+            for item, body in zip(held, bodies, strict=True):
+                self._index.append((item.seq, offset, len(body), item.row_count))
+                offset += _LENGTH.size + len(body)
+            self._disk_rows += held_rows
+        self._memory.clear()
+        self._memory_times.clear()
+        self._memory_rows = 0
+        self._memory_bytes = None
+        self.spilled += len(held)
+
     def forget_held(self) -> int:
         """Forget the items held in memory (persist() could not write them); returns
         their rows. They end with the sender, and must be counted as dropped rather
         than said to be in the file."""
         rows = self._memory_rows
         self._memory.clear()
+        self._memory_times.clear()
         self._memory_rows = 0
         self._memory_bytes = None
         return rows
@@ -465,3 +519,29 @@ def _read_record(handle: IO[bytes]) -> bytes | None:
 
 def new_header(run: RunSpec, stream: str, rank: int | None) -> RunHeader:
     return RunHeader(v=PROTOCOL_VERSION, run=run, stream=stream, rank=rank)
+
+
+def left_undelivered(folder: Path, rank: int | None) -> list[Path]:
+    """The run files in ``folder`` (a run's, ``runs/RUN_ID``) that an ended process of
+    rank ``rank`` left with items in them: a trainer killed while the server was away,
+    or one whose ``finish()`` ran out of time. Not those a running trainer still
+    writes (locked: it delivers them itself), nor other ranks' (each rank of a
+    restarted job says its own). Reads only each file's header."""
+    found = []
+    for path in sorted(folder.glob("*.twrun")):
+        try:
+            with open(path, "rb") as handle:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:  # a running trainer's spill file
+                    continue
+                except OSError:  # a file system without locks: as open_existing
+                    pass
+                if handle.read(len(MAGIC)) != MAGIC:
+                    continue
+                header = msgspec.msgpack.decode(_read_record(handle) or b"", type=RunHeader)
+                if header.rank == rank and handle.read(1):  # an item after the header
+                    found.append(path)
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+            continue  # not ours to judge here: `trainwire sync` says what is wrong
+    return found

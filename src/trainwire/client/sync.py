@@ -50,6 +50,7 @@ def upload(
         rank=header.rank,
         outbox=outbox,
         next_seq=(outbox.last_seq or 0) + 1,
+        replay=True,
     )
     sender = Sender(session, deque(), _ingest_url(server_url), token=token)
     sender.start()

@@ -105,6 +105,11 @@ class Hello(msgspec.Struct, frozen=True, tag="hello", tag_field="type"):
     # wrote it before are gone, so their streams with no connection open are set
     # aside, and no longer hold the run "running" or make it "crashed".
     resume: bool = False
+    # A run file uploaded by `trainwire sync`: its writer has ended, and does not come
+    # back. Its stream, new to a run that others have written, is set aside at once (a
+    # killed attempt's rows, uploaded after the run was resumed, turned the finished
+    # run running, then crashed); one the server knows is not revived.
+    replay: bool = False
 
 
 class Batch(msgspec.Struct, frozen=True, tag="batch", tag_field="type"):

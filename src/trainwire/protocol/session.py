@@ -81,6 +81,8 @@ class ClientSession:
         client: a free-form client description sent in ``hello``.
         resume: this writer continues a run whose earlier writers are gone (see
             :class:`Hello`).
+        replay: this writer uploads a run file whose writer has ended (see
+            :class:`Hello`).
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class ClientSession:
         window: int = 64,
         client: str = "",
         resume: bool = False,
+        replay: bool = False,
     ) -> None:
         if rows_per_batch < 1 or window < 1:
             raise ValueError("rows_per_batch and window must be at least 1")
@@ -106,6 +109,7 @@ class ClientSession:
         self.window = window
         self.client = client
         self.resume = resume
+        self.replay = replay
         self.state = ConnectionState.DISCONNECTED
         self._pending: deque[Row] = deque()
         self._next_seq = next_seq
@@ -176,6 +180,7 @@ class ClientSession:
             rank=self.rank,
             client=self.client,
             resume=self.resume,
+            replay=self.replay,
         )
         return _encoder.encode(hello)
 

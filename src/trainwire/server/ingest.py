@@ -187,7 +187,9 @@ async def _handle(
             # its write could have caught (see reap_crashed_runs).
             context.watch.connected(spec.id, stream)
             try:
-                last_seq = await run_in_threadpool(store.open_run, spec, stream, time.time())
+                last_seq = await run_in_threadpool(
+                    store.open_run, spec, stream, time.time(), replay=message.replay
+                )
                 if message.resume:
                     # The script restarted: the writers it replaced are gone, and
                     # their streams must not leave the run running, then crashed,

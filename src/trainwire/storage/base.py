@@ -69,9 +69,13 @@ class Store(Protocol):
     transaction, so a batch sent twice is stored once.
     """
 
-    def open_run(self, spec: RunSpec, stream: str, now: float) -> int:
+    def open_run(self, spec: RunSpec, stream: str, now: float, *, replay: bool = False) -> int:
         """Create the run and the writer's stream, or reopen them (the run is then
-        running again); returns the last batch seq stored for that stream."""
+        running again); returns the last batch seq stored for that stream.
+
+        ``replay``: the stream is a run file's, uploaded after its writer ended. New to
+        a run that exists, it is set aside (it counts for nothing in the run's status,
+        its end included); known, it is not reopened."""
         ...
 
     def append_batch(

@@ -187,7 +187,7 @@ class SQLiteStore:
 
     # -- writes ---------------------------------------------------------------------
 
-    def open_run(self, spec: RunSpec, stream: str, now: float) -> int:
+    def open_run(self, spec: RunSpec, stream: str, now: float, *, replay: bool = False) -> int:
         with self._lock, self._transaction():
             exists = self._db.execute("SELECT 1 FROM runs WHERE id = ?", (spec.id,)).fetchone()
             if exists is None:
@@ -209,11 +209,16 @@ class SQLiteStore:
                 "SELECT last_seq FROM streams WHERE run_id = ? AND stream = ?", (spec.id, stream)
             ).fetchone()
             if row is None:
+                # A file uploaded into a run others wrote: its writer ended, before or
+                # after theirs. Running, it turned a run that a resumed attempt had
+                # finished running, then crashed. (A file that is the run's whole
+                # story goes as its end, or the heartbeat, says.)
+                late = replay and exists is not None
                 self._db.execute(
                     "INSERT INTO streams (run_id, stream, last_seq, status) VALUES (?, ?, 0, ?)",
-                    (spec.id, stream, RunStatus.RUNNING),
+                    (spec.id, stream, _SET_ASIDE if late else RunStatus.RUNNING),
                 )
-            else:
+            elif not replay:
                 # A writer back after the server declared it vanished. A stream its
                 # writer ended (finished, or crashed by its own finish) stays ended:
                 # this is a resend of what it already has.
@@ -269,9 +274,11 @@ class SQLiteStore:
         with self._lock, self._transaction():
             if not self._claim_seq(run_id, stream, seq):
                 return None
+            # A stream set aside stays so: its end (a late upload's "crashed", or
+            # that of a writer a resume took for gone) is no longer the run's.
             self._db.execute(
-                "UPDATE streams SET status = ? WHERE run_id = ? AND stream = ?",
-                (status, run_id, stream),
+                "UPDATE streams SET status = ? WHERE run_id = ? AND stream = ? AND status != ?",
+                (status, run_id, stream, _SET_ASIDE),
             )
             return self._settle_status(run_id, now)
 
