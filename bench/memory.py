@@ -6,9 +6,9 @@ Targets:
   mode: 1,000,000 points, and the scale is printed as such);
 - client: while the server is unreachable, the training process's memory stays
   bounded (it holds at most ``max_memory_rows`` rows, none for more than 5 s, and
-  spills the rest to the run's file, which grows up to ``max_disk_bytes``). "Bounded" is measured as: RSS growth from the
-  end of the first 10% of the rows to the end at most 10 MB, and the run's file at
-  most ``max_disk_bytes``.
+  spills the rest to the run's file, which grows up to ``max_disk_bytes``).
+  "Bounded" is measured as: RSS growth from the end of the first 10% of the rows to
+  the end at most 10 MB, and the run's file at most ``max_disk_bytes``.
 
 Server part: ``python -m trainwire serve --port 0`` (its own process, pinned to CPU
 0); this process, on CPU 1, sends batches of 1000 rows x 10 keys over one ingest

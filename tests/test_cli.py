@@ -13,8 +13,10 @@ import pytest
 import trainwire as trainwire_api
 from trainwire import __version__
 from trainwire.cli import main
+from trainwire.protocol.messages import RunSpec
 from trainwire.server.runner import stop
 from trainwire.settings import Settings
+from trainwire.storage import SQLiteStore
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -82,6 +84,22 @@ def test_an_empty_or_unset_trainwire_host_binds_loopback(host: str | None) -> No
     env = {} if host is None else {"TRAINWIRE_HOST": host}
     assert Settings.from_env(env).host == "127.0.0.1"
     assert Settings.from_env({"TRAINWIRE_HOST": "0.0.0.0"}).host == "0.0.0.0"
+
+
+def test_every_trainwire_variable_set_but_empty_is_unset() -> None:
+    """README: a variable set but empty counts as unset. TRAINWIRE_PORT= and
+    TRAINWIRE_HEARTBEAT_TIMEOUT= were errors that stopped every command."""
+    empty = {
+        name: ""
+        for name in (
+            "TRAINWIRE_HOST",
+            "TRAINWIRE_PORT",
+            "TRAINWIRE_DATA",
+            "TRAINWIRE_HEARTBEAT_TIMEOUT",
+            "TRAINWIRE_TOKEN",
+        )
+    }
+    assert Settings.from_env(empty) == Settings.from_env({})
 
 
 def test_a_share_link_names_the_host_other_machines_reach_the_server_by(
@@ -187,3 +205,28 @@ def test_the_data_directory_the_cli_makes_is_private(tmp_path: Path) -> None:
         trainwire("serve", "--port", port, "--data", str(made_by_serve))
     for made in (made_by_token, made_by_serve):
         assert stat.S_IMODE(made.stat().st_mode) == 0o700, made
+
+
+def test_run_files_and_the_database_are_private_whoever_made_the_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README: the data directory is 0700. One first made by a client (an offline run,
+    a spill file) was 0755, its run files 0644, and the server's database made in it
+    later 0644: every user of the machine could read every run."""
+    data = tmp_path / "new" / "data"
+    monkeypatch.setenv("TRAINWIRE_DATA", str(data))
+    with trainwire_api.init(mode="offline") as run:
+        run.log({"loss": 1.0})
+    for made in (tmp_path / "new", data, data / "runs", run.path.parent):
+        assert stat.S_IMODE(made.stat().st_mode) == 0o700, made
+    assert stat.S_IMODE(run.path.stat().st_mode) == 0o600
+    # A folder the user made, open to others: what trainwire writes in it is not.
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    store = SQLiteStore(shared / "trainwire.db")
+    try:
+        store.open_run(RunSpec(id="r", project="p", name="n"), "s", 0.0)
+        for name in ("trainwire.db", "trainwire.db-wal", "trainwire.db-shm"):
+            assert stat.S_IMODE((shared / name).stat().st_mode) == 0o600, name
+    finally:
+        store.close()

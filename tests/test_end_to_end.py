@@ -140,6 +140,27 @@ def test_module_level_log_follows_the_last_init(live_server: LiveServer) -> None
     assert live_server.store.metrics(run.id)[1]["y"].value == [1.0]
 
 
+def test_module_level_finish_takes_a_status_as_run_finish_does(live_server: LiveServer) -> None:
+    """README: trainwire.finish() is "the same" as run.finish(): its status= was a
+    TypeError, raised from finish(), which never raises."""
+    run = trainwire.init(project="e2e", url=live_server.url)
+    trainwire.log({"y": 1.0})
+    trainwire.finish(status="crashed")
+    assert run.delivered
+    assert live_server.store.get_run(run.id).status == "crashed"  # type: ignore[union-attr]
+
+
+def test_an_empty_trainwire_mode_is_online(
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`TRAINWIRE_MODE=$MODE` with MODE unset raised ConfigError from init()."""
+    monkeypatch.setenv("TRAINWIRE_MODE", "")
+    run = trainwire.init(project="e2e", url=live_server.url)
+    run.log({"y": 1.0})
+    run.finish()
+    assert run.delivered
+
+
 def test_logged_objects_are_converted_and_released_while_the_server_is_unreachable() -> None:
     """A loss tensor keeps its autograd graph alive until converted: the sender must not
     hold it for the length of a reconnect backoff."""

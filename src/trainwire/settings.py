@@ -32,6 +32,7 @@ __all__ = [
     "default_data_dir",
     "env_port",
     "is_loopback",
+    "make_private_dir",
 ]
 
 DEFAULT_HOST: Final = "127.0.0.1"
@@ -138,7 +139,8 @@ class Settings:
         """
         env = os.environ if env is None else env
         port_number = env_port(env)
-        timeout = env.get("TRAINWIRE_HEARTBEAT_TIMEOUT", "60")
+        # Set but empty is unset (see host below): it was a ConfigError.
+        timeout = env.get("TRAINWIRE_HEARTBEAT_TIMEOUT") or "60"
         try:
             heartbeat_timeout = float(timeout)
         except ValueError:
@@ -164,7 +166,7 @@ def env_port(env: Mapping[str, str]) -> int:
     Raises:
         ConfigError: it is not a port number.
     """
-    port = env.get("TRAINWIRE_PORT", str(DEFAULT_PORT))
+    port = env.get("TRAINWIRE_PORT") or str(DEFAULT_PORT)  # set but empty: unset
     try:
         number = int(port)
     except ValueError:
@@ -204,3 +206,20 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def make_private_dir(path: Path) -> None:
+    """Make the folder ``path`` and its missing parents, each readable by its owner
+    alone (0700, as XDG asks of a data directory made on demand): they hold runs,
+    which other users of the machine must not read. ``Path.mkdir(mode=0o700,
+    parents=True)`` gives the parents it makes the default mode: a data directory
+    first made by a client (an offline run, a spill file) was 0755.
+
+    Raises:
+        OSError: a folder cannot be made (one of the path's names is a file).
+    """
+    if path.is_dir():
+        return
+    if path.parent != path:
+        make_private_dir(path.parent)
+    path.mkdir(mode=0o700, exist_ok=True)

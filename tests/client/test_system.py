@@ -4,6 +4,7 @@ import threading
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from tests.conftest import MS, LiveServer
 
 import trainwire
@@ -60,3 +61,21 @@ def test_system_rows_have_their_own_steps_and_leave_the_training_steps_alone(
     series = live_server.store.metrics(run.id)[1]
     assert series["system/cpu_percent"].step == [7]
     assert series["loss"].step == [0]
+
+
+@pytest.mark.parametrize(
+    ("value", "sampled"), [("0", False), ("", True), ("1", True), (None, True)]
+)
+def test_only_trainwire_system_metrics_0_turns_the_sampler_off(
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch, value: str | None, sampled: bool
+) -> None:
+    """README: `0` turns them off, default on. Set but empty turned them off too."""
+    if value is None:
+        monkeypatch.delenv("TRAINWIRE_SYSTEM_METRICS")
+    else:
+        monkeypatch.setenv("TRAINWIRE_SYSTEM_METRICS", value)
+    run = trainwire.init(url=live_server.url)
+    try:
+        assert (run._system is not None) is sampled
+    finally:
+        run.finish()

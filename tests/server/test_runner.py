@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from tests.conftest import MS
 from trainwire.server.app import create_app
-from trainwire.server.runner import bind, dashboard_link, public_url, server_url
+from trainwire.server.runner import bind, dashboard_link, machine_name, public_url, server_url
 from trainwire.settings import Settings
 
 
@@ -62,5 +62,27 @@ def test_a_server_bound_to_every_interface_names_this_machine_for_the_others() -
     with bind("0.0.0.0", 0) as everywhere, bind("127.0.0.1", 0) as loopback:
         port = everywhere.getsockname()[1]
         assert server_url(everywhere) == f"http://127.0.0.1:{port}"  # for this machine
-        assert public_url(everywhere, tls=True) == f"https://{socket.getfqdn()}:{port}"
+        assert public_url(everywhere, tls=True) == f"https://{machine_name()}:{port}"
         assert public_url(loopback) is None  # server_url names its one address
+
+
+@pytest.mark.parametrize(
+    ("fqdn", "named"),
+    [
+        ("gpu-7.lab.example", "gpu-7.lab.example"),
+        ("localhost", "gpu-7"),  # /etc/hosts: 127.0.0.1 gpu-7 (a container's)
+        ("localhost.localdomain", "gpu-7"),  # 127.0.0.1 localhost localhost.localdomain gpu-7
+        ("ip6-localhost", "gpu-7"),
+    ],
+)
+def test_the_link_for_other_machines_never_names_localhost(
+    monkeypatch: pytest.MonkeyPatch, fqdn: str, named: str
+) -> None:
+    """Where the host name resolved to 127.0.0.1, getfqdn() said "localhost": the link
+    "from other machines" (and every share link) sent a colleague to their own.
+    Which name a machine's resolver gives cannot be set up here: getfqdn is replaced."""
+    monkeypatch.setattr(socket, "getfqdn", lambda name="": fqdn)
+    monkeypatch.setattr(socket, "gethostname", lambda: "gpu-7")
+    assert machine_name() == named
+    with bind("0.0.0.0", 0) as everywhere:
+        assert public_url(everywhere) == f"http://{named}:{everywhere.getsockname()[1]}"

@@ -23,7 +23,14 @@ from typing import Final
 from trainwire.client.notice import notice
 from trainwire.client.sender import direct_opener, tls_context
 from trainwire.exceptions import TransientError
-from trainwire.settings import DEFAULT_PORT, DISCOVERY_FILE, LOCK_FILE, READY_JOINED, TOKEN_FILE
+from trainwire.settings import (
+    DEFAULT_PORT,
+    DISCOVERY_FILE,
+    LOCK_FILE,
+    READY_JOINED,
+    TOKEN_FILE,
+    make_private_dir,
+)
 
 __all__ = ["ensure_local_server", "is_trainwire", "local_token", "read_discovery"]
 
@@ -108,7 +115,7 @@ def ensure_local_server(data_dir: Path, port: int = DEFAULT_PORT, timeout: float
     if url is not None and _held(data_dir) and is_trainwire(url):
         return url
     # Private: the folder holds the token, and the log prints the link carrying it.
-    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_private_dir(data_dir)
     read_end, write_end = os.pipe()
     log_fd = os.open(data_dir / "server.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     log = os.fdopen(log_fd, "ab")

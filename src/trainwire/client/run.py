@@ -683,7 +683,9 @@ def init(
         TransientError: no local server could be started (only when no url is given).
     """
     global _current
-    mode = mode or os.environ.get("TRAINWIRE_MODE", "online")  # type: ignore[assignment]
+    # Set but empty (`TRAINWIRE_MODE=$MODE`, MODE unset) is unset, as for every
+    # TRAINWIRE_* variable: it raised ConfigError.
+    mode = mode or os.environ.get("TRAINWIRE_MODE") or "online"  # type: ignore[assignment]
     if mode not in ("online", "offline"):
         raise ConfigError(f"mode must be 'online' or 'offline', not {mode!r}")
     if ranks not in ("zero", "all"):
@@ -715,7 +717,8 @@ def init(
     )
     data_dir = default_data_dir()
     if system_metrics is None:
-        system_metrics = os.environ.get("TRAINWIRE_SYSTEM_METRICS", "1") not in ("0", "")
+        # Only 0 turns them off: set but empty is unset (it turned them off).
+        system_metrics = os.environ.get("TRAINWIRE_SYSTEM_METRICS", "") != "0"
     options: dict[str, Any] = {
         "data_dir": data_dir,
         "system_metrics": system_metrics,
@@ -862,7 +865,9 @@ def _wait_seconds(timeout: object) -> float:
     return seconds if seconds >= 0 else 0.0
 
 
-def finish(timeout: float | None = DEFAULT_FINISH_TIMEOUT) -> None:
+def finish(
+    timeout: float | None = DEFAULT_FINISH_TIMEOUT, *, status: FinishStatus = "finished"
+) -> None:
     """:meth:`Run.finish` on the run of the last :func:`init`; does nothing without one."""
     if _current is not None:
-        _current.finish(timeout)
+        _current.finish(timeout, status=status)

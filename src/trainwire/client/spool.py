@@ -24,6 +24,7 @@ import msgspec
 
 from trainwire.exceptions import ConfigError
 from trainwire.protocol.messages import PROTOCOL_VERSION, Finish, RunSpec, Sequenced
+from trainwire.settings import make_private_dir
 
 __all__ = ["MAGIC", "RunHeader", "SpillingOutbox", "left_undelivered", "new_header"]
 
@@ -432,7 +433,7 @@ class SpillingOutbox:
         start = self._index[0][1]
         _, last_offset, last_size, _ = self._index[-1]
         index: deque[tuple[int, int, int, int]] = deque()
-        with open(path, "wb") as new:
+        with _create_private(path, os.O_WRONLY, "wb") as new:
             data_start = self._write_header(new)
             for item in held:
                 body = _encoder.encode(item)
@@ -464,10 +465,10 @@ class SpillingOutbox:
 
     def _open(self) -> IO[bytes]:
         if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_private_dir(self.path.parent)
             # Unbuffered: a write that fails leaves nothing behind in a buffer, to be
             # written later after other records (each record is one write anyway).
-            handle = open(self.path, "w+b", buffering=0)  # noqa: SIM115 - owned by the outbox
+            handle = _create_private(self.path, os.O_RDWR, "w+b", buffering=0)
             try:
                 self._data_start = self._write_header(handle)
             except BaseException:
@@ -496,6 +497,18 @@ class SpillingOutbox:
         header = _encoder.encode(self.header)
         _write_all(handle, MAGIC + _LENGTH.pack(len(header)) + header)
         return handle.tell()
+
+
+def _create_private(path: Path, access: int, mode: str, buffering: int = -1) -> IO[bytes]:
+    """``path`` created (or emptied), readable by its owner alone: a run
+    file holds the run's metrics and config, in a data directory that may be open to
+    others (one the user made, or made before trainwire kept it private)."""
+    fd = os.open(path, access | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        return open(fd, mode, buffering=buffering)  # noqa: SIM115 - the caller's to close
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _write_all(handle: IO[bytes], data: bytes) -> None:

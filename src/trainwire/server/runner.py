@@ -25,7 +25,14 @@ from starlette.types import ASGIApp
 from trainwire import __version__
 from trainwire.exceptions import ConfigError
 from trainwire.server.app import create_app
-from trainwire.settings import DISCOVERY_FILE, LOCK_FILE, READY_JOINED, Settings, is_loopback
+from trainwire.settings import (
+    DISCOVERY_FILE,
+    LOCK_FILE,
+    READY_JOINED,
+    Settings,
+    is_loopback,
+    make_private_dir,
+)
 from trainwire.storage.tokens import new_secret
 
 __all__ = [
@@ -35,6 +42,7 @@ __all__ = [
     "check_exposure",
     "check_tls",
     "dashboard_link",
+    "machine_name",
     "serve",
     "server_url",
     "stop",
@@ -74,7 +82,23 @@ def public_url(sock: socket.socket, tls: bool = False) -> str | None:
     if host not in ("0.0.0.0", "::"):
         return None
     scheme = "https" if tls else "http"
-    return f"{scheme}://{socket.getfqdn()}:{port}"
+    return f"{scheme}://{machine_name()}:{port}"
+
+
+# The names /etc/hosts gives loopback addresses (Debian's, Red Hat's).
+_LOOPBACK_NAMES: Final = frozenset({"localhost", "ip6-localhost", "ip6-loopback"})
+
+
+def machine_name() -> str:
+    """This machine's name as others know it: its fully qualified name, unless that
+    is a loopback name, then its host name. Where ``/etc/hosts`` maps the host name
+    to 127.0.0.1 (containers; ``127.0.0.1 localhost localhost.localdomain myhost``),
+    ``socket.getfqdn()`` says ``localhost`` or ``localhost.localdomain``: a link
+    naming it sends a colleague, token and all, to their own machine."""
+    name = socket.getfqdn()
+    if name.split(".", 1)[0].lower() in _LOOPBACK_NAMES:
+        return socket.gethostname()
+    return name
 
 
 def admin_token(settings: Settings) -> str | None:
@@ -94,7 +118,7 @@ def admin_token(settings: Settings) -> str | None:
     # Empty: a first start cut short between making the file and writing it. An
     # admin token "" would match no request: make a real one instead.
     path.unlink(missing_ok=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_private_dir(path.parent)
     token = new_secret()
     # O_EXCL with mode 0600: never a moment when another user could read it.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -175,7 +199,7 @@ def _data_dir_lock(data_dir: Path) -> Iterator[IO[str]]:
     # and leave dashboards on either of them blind to the other's runs.
     try:
         # Private: it holds every run and the admin token (README: 0700).
-        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_dir(data_dir)
         handle = open(data_dir / LOCK_FILE, "a")  # noqa: SIM115
     except OSError as exc:
         raise ConfigError(f"cannot use {data_dir} as the data directory: {exc.strerror}") from exc

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import sqlite3
 import struct
 import threading
@@ -16,6 +17,7 @@ import numpy as np
 
 from trainwire.exceptions import StorageError
 from trainwire.protocol.messages import Batch, Row, RunInfo, RunSpec, RunStatus, Series
+from trainwire.settings import make_private_dir
 from trainwire.storage import chunks
 from trainwire.storage.base import (
     Commit,
@@ -130,7 +132,11 @@ class SQLiteStore:
         self.path = Path(path)
         try:
             # Private (0700): it holds every run; the README promises as much.
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            make_private_dir(self.path.parent)
+            # And the file itself (0600; SQLite gives its -wal and -shm the same
+            # mode): in a folder the user made, or one a client made 0755 before it
+            # kept them private, SQLite's 0644 let every user read every run.
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
         except OSError as exc:
             raise StorageError(f"cannot open {self.path}: {exc.strerror}") from exc
         # One connection, used from the server's thread pool under a lock: SQLite
