@@ -621,6 +621,60 @@ def test_a_healthy_connection_keeps_its_rows_in_memory(
     assert stored_steps(live_server, run.id, "x") == list(range(step))
 
 
+def test_acks_waiting_unread_are_read_before_rows_are_taken_for_unconfirmed(
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sender that did not run for SPILL_AFTER (its process stopped and continued,
+    a VM paused) found its rows that old, their acks unread in the socket's buffer:
+    it wrote them all to disk, the server fine, and said it had not confirmed them.
+    Here the acks are left unread by reading them only every minute."""
+    from trainwire.client import sender as sender_module
+    from trainwire.client.spool import SpillingOutbox
+
+    monkeypatch.setattr(sender_module, "SPILL_AFTER", 0.3)
+    monkeypatch.setattr(sender_module, "ACK_READ_INTERVAL", 60.0)
+    run = trainwire.init(url=live_server.url, flush_interval=0.01, system_metrics=False)
+    session = run._sender.session
+    outbox = session.outbox
+    assert isinstance(outbox, SpillingOutbox)
+    assert wait_until(lambda: session.state.name == "OPEN", 10_000 * MS)
+    run.log({"x": 0.0}, step=0)
+    assert wait_until(lambda: session.acked_seq == 1 or outbox.spilled > 0, 10_000 * MS)
+    assert outbox.spilled == 0 and not run.path.exists()
+    run.finish(timeout=20_000 * MS)
+    assert run.delivered and stored_steps(live_server, run.id, "x") == [0]
+
+
+def test_a_full_disk_during_an_outage_does_not_keep_the_sender_from_the_server(
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows the run file could not take wait queued; each connection attempt began by
+    writing them, and its failure was taken for the server's: the sender never
+    connected again, though only the server's acks could empty the file. Every row
+    was lost with the run going on."""
+    from trainwire.client import sender as sender_module, spool
+    from trainwire.client.spool import SpillingOutbox
+
+    monkeypatch.setattr(sender_module, "SPILL_AFTER", 0.2)
+    live_server.stop()
+    run = trainwire.init(url=live_server.url, flush_interval=0.005)
+    outbox = run._sender.session.outbox
+    assert isinstance(outbox, SpillingOutbox)
+    run.log({"x": 0.0}, step=0)
+    assert wait_until(lambda: outbox.spilling, 10_000 * MS)
+
+    def disk_full(handle: object, data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(spool, "_write_all", disk_full)  # full from here to the end
+    run.log({"x": 1.0}, step=1)
+    assert wait_until(lambda: "write" in run._sender._warned, 10_000 * MS)
+    live_server.start()
+    run.finish(timeout=20_000 * MS)
+    assert run.delivered
+    assert stored_steps(live_server, run.id, "x") == [0, 1]
+
+
 KILLED_AWAY = """
 import sys, time, trainwire
 from trainwire.client import sender
@@ -680,6 +734,24 @@ def test_a_trainer_killed_while_the_server_is_away_leaves_its_rows_for_sync(
         assert server.store.get_run(run_id).status == "finished"  # type: ignore[union-attr]
     finally:
         server.stop()
+
+
+def test_the_files_of_an_offline_jobs_ranks_each_end_their_part_of_the_run(
+    live_server: LiveServer,
+) -> None:
+    """Synced one after the other, every file after the first was taken for a late
+    upload into a run others had written, and set aside: the run of a job whose
+    rank 1 crashed read "finished"."""
+    ranks = [trainwire.init(id="ddp-off", ranks="all", rank=r, mode="offline") for r in (0, 1)]
+    for rank, run in enumerate(ranks):
+        run.log({"loss": float(rank)}, step=0)
+    ranks[0].finish()
+    ranks[1].finish(status="crashed")
+    for run in ranks:  # rank 0's first: it makes the run
+        assert main(["sync", str(run.path), "--url", live_server.url]) == 0
+    assert live_server.store.get_run("ddp-off").status == "crashed"  # type: ignore[union-attr]
+    series = live_server.store.metrics("ddp-off")[1]
+    assert {k: v.value for k, v in series.items()} == {"rank0/loss": [0.0], "rank1/loss": [1.0]}
 
 
 def test_sync_leaves_the_spill_file_of_a_running_trainer_to_it(

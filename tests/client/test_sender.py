@@ -6,14 +6,21 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from pathlib import Path
 
 import pytest
 from tests.conftest import MS, LiveServer, wait_until
 
 import trainwire
 from trainwire.client import sender as sender_module, tensors as tensors_module
-from trainwire.client.sender import IDLE_WAIT, MAX_FLUSH_INTERVAL, STRETCH_RATE, Sender
-from trainwire.client.spool import SpillingOutbox
+from trainwire.client.sender import (
+    IDLE_WAIT,
+    MAX_FLUSH_INTERVAL,
+    STRETCH_RATE,
+    LoggedRow,
+    Sender,
+)
+from trainwire.client.spool import SpillingOutbox, new_header
 from trainwire.exceptions import ConfigError
 from trainwire.protocol.limits import MAX_CONFIG_DEPTH
 from trainwire.protocol.messages import RunSpec
@@ -287,3 +294,38 @@ def test_init_refuses_a_run_id_no_page_or_file_could_name(
     run.log({"x": 1.0})
     run.finish()
     assert run.path.exists()
+
+
+def test_after_a_connection_timed_out_rows_that_would_go_stale_while_it_blocks_go_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that takes connections but never answers (stopped, hung on its disk)
+    blocks each attempt for its whole timeout, draining nothing and moving nothing
+    to the file: rows held in memory aged past SPILL_AFTER meanwhile, and a trainer
+    killed during an attempt lost up to SPILL_AFTER + OPEN_TIMEOUT seconds of them
+    (7.4 s measured, against "at most the last 5 s"). Found by review."""
+    import socket
+
+    monkeypatch.setattr(sender_module, "OPEN_TIMEOUT", 0.2)
+    monkeypatch.setattr(sender_module, "SPILL_AFTER", 0.1)
+    spec = RunSpec(id="r", project="p", name="n")
+    outbox = SpillingOutbox(
+        tmp_path / "s.twrun", new_header(spec, "s", None), memory_rows=100, disk_bytes=1 << 20
+    )
+    queue: deque[LoggedRow] = deque()
+    with socket.socket() as hung:  # listening, never accepting: handshakes go unanswered
+        hung.bind(("127.0.0.1", 0))
+        hung.listen()
+        url = f"ws://127.0.0.1:{hung.getsockname()[1]}/ws/ingest"
+        s = Sender(ClientSession(spec, stream="s", outbox=outbox), queue, url)
+        queue.append((0, time.time(), {"x": 0.0}))
+        with pytest.raises(TimeoutError):
+            s._connect_and_pump(url)  # the first attempt: a server may well answer
+        assert not outbox.spilling and outbox.held_since is not None
+        outbox.drop_through(1)  # as if delivered: a row batched just now is held alone
+        queue.append((1, time.time(), {"x": 1.0}))
+        with pytest.raises(TimeoutError):
+            s._connect_and_pump(url)  # after a timeout: the row goes before it blocks
+        assert outbox.spilling and outbox.held_since is None
+        assert [row[0] for item in outbox.items(2, 10) for row in item.rows] == [1]  # type: ignore[union-attr]
+    outbox.close()

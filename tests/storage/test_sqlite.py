@@ -440,7 +440,7 @@ def test_a_version_2_file_is_migrated_to_chunks_losing_nothing(
     make_v2_file(tmp_path / "t.db", points)
     store = SQLiteStore(tmp_path / "t.db")
     db = sqlite3.connect(tmp_path / "t.db")
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert "points" not in tables and {"chunks", "tokens"} <= tables
     assert len(chunk_rows(tmp_path / "t.db")) < len(points)
@@ -559,6 +559,50 @@ def test_a_file_uploaded_late_into_a_run_adds_its_rows_but_not_its_writers_fate(
     store.set_status("r1", "killed", "crashed", seq=2, now=4.0)
     assert store.get_run("r1").status == "finished"  # type: ignore[union-attr]
     assert store.running_runs() == []
+
+
+def test_files_of_the_ranks_of_one_job_each_count_in_the_runs_status(tmp_path: Path) -> None:
+    """An offline job's ranks, their files synced one after the other: the first made
+    the run, and every later one was set aside, so a rank that crashed left the run
+    "finished" (and one killed, with no end in its file, left it finished too)."""
+    store = SQLiteStore(tmp_path / "t.db")
+    store.open_run(SPEC, "rank0", now=1.0, rank=0, replay=True)
+    store.set_status("r1", "rank0", "finished", seq=1, now=2.0)
+    store.open_run(SPEC, "rank1", now=3.0, rank=1, replay=True)
+    assert store.get_run("r1").status == "running"  # type: ignore[union-attr]
+    store.set_status("r1", "rank1", "crashed", seq=1, now=4.0)
+    assert store.get_run("r1").status == "crashed"  # type: ignore[union-attr]
+    # A later attempt of rank 1 took its place (resumed, finished): a file of an
+    # earlier rank 1, synced now, is that replaced writer's, and is set aside.
+    store.open_run(SPEC, "rank1-again", now=5.0, rank=1)
+    store.set_aside("r1", keep={"rank1-again"}, now=5.0)
+    store.set_status("r1", "rank1-again", "finished", seq=1, now=6.0)
+    assert store.get_run("r1").status == "finished"  # type: ignore[union-attr]
+    store.open_run(SPEC, "rank1-killed", now=7.0, rank=1, replay=True)
+    assert store.get_run("r1").status == "finished"  # type: ignore[union-attr]
+
+
+def test_a_version_3_file_gets_the_rank_of_streams(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / "t.db", isolation_level=None)
+    for version, step in enumerate(sqlite_module._MIGRATIONS[:3], start=1):
+        if isinstance(step, str):  # the old DDL, as it was
+            db.executescript(f"BEGIN; {step} PRAGMA user_version = {version}; COMMIT;")
+        else:
+            step(db)
+            db.execute(f"PRAGMA user_version = {version}")
+    db.execute(
+        "INSERT INTO runs (id, project, name, status, created, updated, config)"
+        " VALUES ('r1', 'digits', 'cnn', 'finished', 1.0, 2.0, '{}')"
+    )
+    db.execute("INSERT INTO streams VALUES ('r1', 'old', 3, 'finished')")
+    db.close()
+    store = SQLiteStore(tmp_path / "t.db")
+    # The old stream has no rank: taken as rank None's, whose late file it replaced.
+    assert store.open_run(SPEC, "old", now=3.0) == 3
+    store.open_run(SPEC, "late", now=4.0, replay=True)
+    assert store.get_run("r1").status == "finished"  # type: ignore[union-attr]
+    store.open_run(SPEC, "rank2", now=5.0, rank=2, replay=True)
+    assert store.get_run("r1").status == "running"  # type: ignore[union-attr]
 
 
 def test_a_file_that_is_the_whole_run_ends_it_as_its_writer_did(tmp_path: Path) -> None:

@@ -193,6 +193,9 @@ class Sender(threading.Thread):
         self._deadline = float("inf")
         self._warned: set[str] = set()
         self._backoff = Backoff()
+        # True once a connection timed out (a server that takes connections but never
+        # answers, a network that drops them): see _connect_and_pump.
+        self._timed_out = False
 
     def wake(self) -> None:
         """Something was queued while the sender was idle: take it now."""
@@ -359,15 +362,25 @@ class Sender(threading.Thread):
             last_drain = now
             self._spill_stale(now)
 
-    def _spill_stale(self, now: float) -> None:
+    def _spill_stale(self, now: float, ws: Link | None = None) -> None:
         """Rows unacknowledged for SPILL_AFTER seconds go to the run's file (see there).
-        A failed write leaves them in memory, said once, and is tried again next pass."""
+        A failed write leaves them in memory, said once, and is tried again next pass.
+        ``ws``: the connection, whose acks are read first."""
         outbox = self.session.outbox
         if not isinstance(outbox, SpillingOutbox):
             return
         since = outbox.held_since
         if since is None or now - since < SPILL_AFTER:
             return
+        if ws is not None:
+            # Their acks may wait unread in the socket's buffer: a sender that did not
+            # run for seconds (its process stopped and continued, a VM paused, the GIL
+            # held by a long call) wrote every row it held to disk, with the server
+            # fine, and said it had not confirmed them.
+            self._receive(ws, 0.0)
+            since = outbox.held_since
+            if since is None or now - since < SPILL_AFTER:
+                return
         try:
             outbox.spill_held()
         except Exception as exc:  # OSError mostly: as _drain_retrying's
@@ -390,20 +403,38 @@ class Sender(threading.Thread):
         )
 
     def _connect_and_pump(self, url: str) -> None:
-        self._drain()
-        link = Link.open(
-            url,
-            self.headers,
-            ssl_context=tls_context() if url.startswith("wss:") else None,
-            # Once closing, no longer than the time left (finish() waits out the rest).
-            open_timeout=min(OPEN_TIMEOUT, max(self._time_left(), 0.1)),
-            ping_interval=PING_INTERVAL,
-            ping_timeout=PING_TIMEOUT,
-            close_timeout=CLOSE_TIMEOUT,
-            logger=_transport_log,
-        )
+        # Retrying: rows the run file could not take (a full disk) stay queued, and a
+        # failure here, taken for the server's, kept the sender from ever connecting
+        # again, when only the server's acks could empty the file.
+        self._drain_retrying()
+        # Once closing, no longer than the time left (finish() waits out the rest).
+        open_timeout = min(OPEN_TIMEOUT, max(self._time_left(), 0.1))
+        if self._timed_out:
+            # The last connection timed out, and so may this attempt, blocked for
+            # open_timeout with nothing drained or moved to the file: rows that would
+            # be SPILL_AFTER old by then go now. (Left in memory, a trainer killed
+            # during the attempt lost up to SPILL_AFTER + OPEN_TIMEOUT seconds of rows.)
+            self._spill_stale(time.monotonic() + open_timeout)
+        try:
+            link = Link.open(
+                url,
+                self.headers,
+                ssl_context=tls_context() if url.startswith("wss:") else None,
+                open_timeout=open_timeout,
+                ping_interval=PING_INTERVAL,
+                ping_timeout=PING_TIMEOUT,
+                close_timeout=CLOSE_TIMEOUT,
+                logger=_transport_log,
+            )
+        except TimeoutError:
+            self._timed_out = True
+            raise
+        self._timed_out = False
         try:
             self._pump(link)
+        except TimeoutError:  # no pong, or a send that made no progress: a dead link
+            self._timed_out = True
+            raise
         finally:
             link.close()
 
@@ -421,9 +452,12 @@ class Sender(threading.Thread):
                 next_flush = now + self.pace(rows, now - last_drain)
                 last_drain = now
                 idle = rows == 0  # a whole interval with nothing logged
-                self._spill_stale(now)  # connected, but the server not answering
+                self._spill_stale(now, ws)  # connected, but the server not answering
             # After an ack this only refills the window (a backlog being replayed).
-            for frame in self.session.frames_to_send():
+            # Rows are cut by the drain, which retries a write that fails: cut here,
+            # the failure (a full disk) ended every connection before it sent what
+            # the outbox held, whose acks alone could empty the run file.
+            for frame in self.session.frames_to_send(cut=False):
                 ws.send(frame)
             if self._finished():
                 return

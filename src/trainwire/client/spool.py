@@ -343,9 +343,9 @@ class SpillingOutbox:
         self.keep = True
         if not self._memory:
             return
-        held, held_rows = list(self._memory), self._memory_rows
+        held, held_rows, times = list(self._memory), self._memory_rows, list(self._memory_times)
         self._memory.clear()
-        self._memory_times.clear()  # the process is ending: their ages no longer matter
+        self._memory_times.clear()
         self._memory_rows = 0
         self._memory_bytes = None
         self.memory_rows = 0  # from now on, everything goes to the file
@@ -357,6 +357,7 @@ class SpillingOutbox:
                     self.append(item)
                 except BaseException:  # those not written stay held, to be counted
                     self._memory.extend(held[written:])
+                    self._memory_times.extend(times[written:])
                     self._memory_rows = sum(i.row_count for i in self._memory)
                     raise
             return
@@ -364,6 +365,7 @@ class SpillingOutbox:
             self._replace_file(held)
         except BaseException:  # the old file is whole: the items go back to memory
             self._memory.extend(held)
+            self._memory_times.extend(times)
             self._memory_rows = held_rows
             raise
         self._disk_rows += held_rows

@@ -106,9 +106,11 @@ class Hello(msgspec.Struct, frozen=True, tag="hello", tag_field="type"):
     # aside, and no longer hold the run "running" or make it "crashed".
     resume: bool = False
     # A run file uploaded by `trainwire sync`: its writer has ended, and does not come
-    # back. Its stream, new to a run that others have written, is set aside at once (a
-    # killed attempt's rows, uploaded after the run was resumed, turned the finished
-    # run running, then crashed); one the server knows is not revived.
+    # back. Its stream, new to a run where another stream has its rank (a later attempt
+    # took its place), is set aside at once (a killed attempt's rows, uploaded after the
+    # run was resumed, turned the finished run running, then crashed); one the server
+    # knows is not revived. A file of a rank no other stream has (an offline job's
+    # ranks, synced one by one) is that rank's writer, and ends its part of the run.
     replay: bool = False
 
 

@@ -232,9 +232,16 @@ class ClientSession:
 
     # -- output ---------------------------------------------------------------------
 
-    def frames_to_send(self) -> list[bytes]:
-        """Frames to write now, in order; empty unless the session is open."""
-        self.cut_batches()
+    def frames_to_send(self, *, cut: bool = True) -> list[bytes]:
+        """Frames to write now, in order; empty unless the session is open.
+
+        Args:
+            cut: first number the queued rows into batches (:meth:`cut_batches`). A
+                caller that cuts them itself passes False: an outbox that fails to
+                take them (a full disk) then does not hold back what it has.
+        """
+        if cut:
+            self.cut_batches()
         if self.state is not ConnectionState.OPEN:
             return []
         room = self.window - (self._sent_seq - self.acked_seq)

@@ -188,7 +188,7 @@ async def _handle(
             context.watch.connected(spec.id, stream)
             try:
                 last_seq = await run_in_threadpool(
-                    store.open_run, spec, stream, time.time(), replay=message.replay
+                    store.open_run, spec, stream, time.time(), rank=rank, replay=message.replay
                 )
                 if message.resume:
                     # The script restarted: the writers it replaced are gone, and

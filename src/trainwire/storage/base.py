@@ -69,13 +69,23 @@ class Store(Protocol):
     transaction, so a batch sent twice is stored once.
     """
 
-    def open_run(self, spec: RunSpec, stream: str, now: float, *, replay: bool = False) -> int:
+    def open_run(
+        self,
+        spec: RunSpec,
+        stream: str,
+        now: float,
+        *,
+        rank: int | None = None,
+        replay: bool = False,
+    ) -> int:
         """Create the run and the writer's stream, or reopen them (the run is then
         running again); returns the last batch seq stored for that stream.
 
-        ``replay``: the stream is a run file's, uploaded after its writer ended. New to
-        a run that exists, it is set aside (it counts for nothing in the run's status,
-        its end included); known, it is not reopened."""
+        ``rank``: the writer's rank (None: the run has no ranks). ``replay``: the
+        stream is a run file's, uploaded after its writer ended. New to a run where
+        another stream has its rank (a later attempt took its place), it is set aside
+        (it counts for nothing in the run's status, its end included); known, it is
+        not reopened."""
         ...
 
     def append_batch(

@@ -31,7 +31,7 @@ from trainwire.storage.downsample import downsample
 
 __all__ = ["MERGE_AT", "SCHEMA_VERSION", "SMALL_CHUNK", "SQLiteStore"]
 
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 
 # Compaction. A live trainer commits a row or two per key every 20 ms, one chunk each:
 # a million points would be half a million rows. So when a series ends with MERGE_AT
@@ -101,6 +101,11 @@ _MIGRATIONS: Final[list[str | Callable[[sqlite3.Connection], None]]] = [
     """,
     # 3: points move into chunks (see trainwire.storage.chunks); runs get env.
     lambda db: _chunk_points(db),  # defined below
+    """
+    -- The writer's rank (NULL: none, or a stream older than this column): a run file
+    -- uploaded late is told from another rank's by it (see open_run).
+    ALTER TABLE streams ADD COLUMN rank INTEGER;
+    """,
 ]
 
 # What every database of SCHEMA_VERSION holds, checked at open.
@@ -193,7 +198,15 @@ class SQLiteStore:
 
     # -- writes ---------------------------------------------------------------------
 
-    def open_run(self, spec: RunSpec, stream: str, now: float, *, replay: bool = False) -> int:
+    def open_run(
+        self,
+        spec: RunSpec,
+        stream: str,
+        now: float,
+        *,
+        rank: int | None = None,
+        replay: bool = False,
+    ) -> int:
         with self._lock, self._transaction():
             exists = self._db.execute("SELECT 1 FROM runs WHERE id = ?", (spec.id,)).fetchone()
             if exists is None:
@@ -215,14 +228,27 @@ class SQLiteStore:
                 "SELECT last_seq FROM streams WHERE run_id = ? AND stream = ?", (spec.id, stream)
             ).fetchone()
             if row is None:
-                # A file uploaded into a run others wrote: its writer ended, before or
-                # after theirs. Running, it turned a run that a resumed attempt had
-                # finished running, then crashed. (A file that is the run's whole
-                # story goes as its end, or the heartbeat, says.)
-                late = replay and exists is not None
+                # A file uploaded into a run where another writer has taken its rank
+                # since (a resumed attempt, a torchrun restart): its writer is the one
+                # replaced. Running, it turned a run that the resumed attempt had
+                # finished running, then crashed. A file of a rank nobody else wrote
+                # (a rank of an offline job, its files synced one by one) is that
+                # rank's whole story: it goes as its end, or the heartbeat, says, as
+                # the run's other ranks do. (A stream older than the rank column has
+                # none: taken as rank None's.)
+                late = (
+                    replay
+                    and exists is not None
+                    and self._db.execute(
+                        "SELECT 1 FROM streams WHERE run_id = ? AND rank IS ? LIMIT 1",
+                        (spec.id, rank),
+                    ).fetchone()
+                    is not None
+                )
                 self._db.execute(
-                    "INSERT INTO streams (run_id, stream, last_seq, status) VALUES (?, ?, 0, ?)",
-                    (spec.id, stream, _SET_ASIDE if late else RunStatus.RUNNING),
+                    "INSERT INTO streams (run_id, stream, last_seq, status, rank)"
+                    " VALUES (?, ?, 0, ?, ?)",
+                    (spec.id, stream, _SET_ASIDE if late else RunStatus.RUNNING, rank),
                 )
             elif not replay:
                 # A writer back after the server declared it vanished. A stream its
