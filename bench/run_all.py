@@ -39,6 +39,7 @@ BENCHES: Final = [
     "fanout",
     "memory",
     "dashboard",
+    "scale",
     "faults",
 ]
 TIMEOUT_S: Final = {"quick": 600, "full": 3600}

@@ -7,6 +7,7 @@ import {
   filterRuns,
   formatAgo,
   formatDuration,
+  formatStarted,
   runDuration,
   summaryRows,
 } from "../../src/trainwire/dashboard/runs.js";
@@ -72,4 +73,12 @@ test("assignColours keeps a run's colour while it stays selected", () => {
   assignColours(slots, ["a", "c", "d", "e", "f"], 3);
   assert.equal(slots.size, 5);
   for (const slot of slots.values()) assert.ok(slot >= 0 && slot < 3);
+});
+
+test("formatStarted says what toLocaleString says, from one formatter", () => {
+  const options = { dateStyle: "short", timeStyle: "short" };
+  for (const seconds of [0, 1.7e9, 1.7e9 + 59.9, 2e9 + 0.5]) {
+    assert.equal(formatStarted(seconds), new Date(seconds * 1000).toLocaleString([], options));
+  }
+  assert.equal(formatStarted(Number.NaN), "\u2014"); // a formatter throws on an invalid date
 });

@@ -16,7 +16,7 @@ from websockets.sync.client import connect
 
 from tests.conftest import TOKEN, LiveServer
 from trainwire.exceptions import StorageError
-from trainwire.protocol.messages import PROTOCOL_VERSION, Batch, Hello, RunInfo, RunSpec
+from trainwire.protocol.messages import PROTOCOL_VERSION, Batch, Hello, RunSpec
 from trainwire.storage import SQLiteStore
 
 SPEC = RunSpec(id="run-1", project="p", name="n", config={})
@@ -60,7 +60,7 @@ class CatchUpFails(SQLiteStore):
 
 
 class ListFails(SQLiteStore):
-    def list_runs(self) -> list[RunInfo]:
+    def runs_json(self) -> bytes:
         raise StorageError("database is locked")
 
 

@@ -43,7 +43,7 @@ import {
   sortRuns,
 } from "./charts.js";
 import { CHART_HEIGHT, cssVar, plotOptions, savePng, uPlot } from "./plot.js";
-import { assignColours, filterRuns, formatAgo, formatDuration, runDuration, summaryRows } from "./runs.js";
+import { assignColours, filterRuns, formatAgo, formatDuration, formatStarted, runDuration, summaryRows } from "./runs.js";
 import {
   alignSeries,
   downsample,
@@ -656,7 +656,7 @@ function renderRunList() {
     meta.append(make("span", "run-project-text", info.project), badge(info.status));
     const times = make("span", "run-times");
     times.append(
-      make("span", "run-started", new Date(info.created * 1000).toLocaleString([], { dateStyle: "short", timeStyle: "short" })),
+      make("span", "run-started", formatStarted(info.created)),
       make("span", "run-duration-text", formatDuration(runDuration(info, now))),
       make("span", "run-ago", `updated ${formatAgo(now - info.updated)}`),
     );

