@@ -357,3 +357,32 @@ def test_screenshots_and_a_phone_that_works(
     assert high - low < 199 / 2  # four times closer, around the middle
     page.screenshot(path=str(SCREENSHOTS / "phone-zoomed.png"))
     assert page.errors == []
+
+
+def test_a_long_run_list_draws_a_page_keeps_the_selected_and_shows_more_on_demand(
+    live_server: LiveServer, browser: Any
+) -> None:
+    """A team's server holds thousands of runs: drawn whole, the list took half a
+    second at every running run's status update."""
+    from trainwire.protocol.messages import RunSpec
+
+    for n in range(450):
+        run_id = f"sweep-{n:03d}"
+        live_server.store.open_run(
+            RunSpec(id=run_id, project="sweep", name=f"lr-{n:03d}"), "s", now=1000.0 + n
+        )
+        live_server.store.set_status(run_id, "s", "finished", seq=1, now=1000.0 + n)
+    page = open_page(browser, live_server, "#runs=sweep-005")
+    listed = "#runs li[data-run-id]"
+    page.wait_for_function(f"() => document.querySelectorAll('{listed}').length > 0")
+    # The newest 200 (sweep-449 to sweep-250), then the selected run further down.
+    assert page.locator(listed).count() == 201
+    assert page.locator(f'{listed}[data-run-id="sweep-005"] .run-check').is_checked()
+    assert page.locator(".run-more-note").inner_text() == "249 more match; the search narrows them"
+    page.click(".run-more")
+    assert page.locator(listed).count() == 401  # the next 200, the selected run still last
+    page.fill("#run-search", "lr-007")
+    assert page.locator(listed).count() == 1
+    assert page.locator(".run-more").count() == 0
+    assert page.errors == []
+    page.close()

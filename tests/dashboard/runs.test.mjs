@@ -8,6 +8,7 @@ import {
   formatAgo,
   formatDuration,
   formatStarted,
+  listedRuns,
   runDuration,
   summaryRows,
 } from "../../src/trainwire/dashboard/runs.js";
@@ -81,4 +82,16 @@ test("formatStarted says what toLocaleString says, from one formatter", () => {
     assert.equal(formatStarted(seconds), new Date(seconds * 1000).toLocaleString([], options));
   }
   assert.equal(formatStarted(Number.NaN), "\u2014"); // a formatter throws on an invalid date
+});
+
+test("listedRuns draws the first runs, then the selected ones further down", () => {
+  const shown = Array.from({ length: 10 }, (_, i) => ({ id: `r${i}` }));
+  assert.deepEqual(listedRuns(shown, [], 20), { listed: shown, hidden: 0 });
+  const { listed, hidden } = listedRuns(shown, ["r1", "r8", "absent"], 3);
+  assert.deepEqual(
+    listed.map((r) => r.id),
+    ["r0", "r1", "r2", "r8"],
+  );
+  assert.equal(hidden, 6); // r3-r7, r9
+  assert.deepEqual(listedRuns(shown, [], 0), { listed: [], hidden: 10 });
 });

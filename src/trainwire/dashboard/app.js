@@ -43,7 +43,16 @@ import {
   sortRuns,
 } from "./charts.js";
 import { CHART_HEIGHT, cssVar, plotOptions, savePng, uPlot } from "./plot.js";
-import { assignColours, filterRuns, formatAgo, formatDuration, formatStarted, runDuration, summaryRows } from "./runs.js";
+import {
+  assignColours,
+  filterRuns,
+  formatAgo,
+  formatDuration,
+  formatStarted,
+  listedRuns,
+  runDuration,
+  summaryRows,
+} from "./runs.js";
 import {
   alignSeries,
   downsample,
@@ -468,7 +477,7 @@ function onRun(info) {
     selectionChanged();
     return;
   }
-  renderRunList();
+  scheduleRunList();
   renderHeader();
   if (view.focus === info.id) refreshRunPage();
 }
@@ -593,6 +602,11 @@ function toggleRun(id, on) {
 }
 
 el.runs.addEventListener("click", (event) => {
+  if (event.target.closest(".run-more") !== null) {
+    runListLimit += RUN_LIST_PAGE;
+    renderRunList();
+    return;
+  }
   const item = event.target.closest("li[data-run-id]");
   if (item === null || !el.runs.contains(item)) return;
   const id = item.dataset.runId;
@@ -607,9 +621,13 @@ el.search.value = view.q;
 el.search.addEventListener("input", () => {
   view.q = el.search.value;
   writeUrl();
+  runListLimit = RUN_LIST_PAGE; // a new search starts at its first page
   renderRunList();
 });
-el.statusFilter.addEventListener("change", renderRunList);
+el.statusFilter.addEventListener("change", () => {
+  runListLimit = RUN_LIST_PAGE;
+  renderRunList();
+});
 
 function closeMenu() {
   document.body.classList.remove("menu-open");
@@ -636,10 +654,28 @@ function colourOf(id) {
   return palette[colourSlots.get(id) ?? 0];
 }
 
+// Runs drawn in the list before a "show more" button: a server a team has used for
+// months holds thousands, and drawing 5,000 took 0.5 s, at every status update of
+// every running run (once a second each). The search finds the others.
+const RUN_LIST_PAGE = 200;
+let runListLimit = RUN_LIST_PAGE;
+let runListPending = false;
+
+/** renderRunList once, at the next frame: the updates of many runs in one go. */
+function scheduleRunList() {
+  if (runListPending) return;
+  runListPending = true;
+  requestAnimationFrame(() => {
+    runListPending = false;
+    renderRunList();
+  });
+}
+
 function renderRunList() {
   const now = Date.now() / 1000;
   const shown = filterRuns(sortRuns(runs.values()), view.q, el.statusFilter.value);
-  const items = shown.map((info) => {
+  const { listed, hidden } = listedRuns(shown, view.runs, runListLimit);
+  const items = listed.map((info) => {
     const li = make("li", "run");
     li.dataset.runId = info.id;
     const on = view.runs.includes(info.id);
@@ -663,6 +699,13 @@ function renderRunList() {
     li.append(check, open, meta, times);
     return li;
   });
+  if (hidden > 0) {
+    const more = make("li", "run-more-item");
+    const button = make("button", "run-more", `show ${Math.min(hidden, RUN_LIST_PAGE)} more`);
+    button.type = "button";
+    more.append(button, make("span", "run-more-note", `${hidden} more match; the search narrows them`));
+    items.push(more);
+  }
   el.runs.replaceChildren(...items);
   el.runsEmpty.hidden = shown.length > 0;
   el.runsEmpty.textContent = !runsReceived

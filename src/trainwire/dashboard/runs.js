@@ -25,6 +25,28 @@ export function filterRuns(runs, query, status = "") {
 }
 
 /**
+ * The part of the filtered run list that is drawn: the first `limit` runs, and
+ * after them the selected runs that lie further down (a run on the charts keeps
+ * its checkbox). A team's server holds thousands of runs; drawing every one took
+ * half a second, at every run's status update.
+ *
+ * @template {{id: string}} R
+ * @param {R[]} shown the runs that match, in list order
+ * @param {string[]} selected ids of the runs on the charts
+ * @param {number} limit
+ * @returns {{listed: R[], hidden: number}} what to draw, and how many matches are not
+ */
+export function listedRuns(shown, selected, limit) {
+  if (shown.length <= limit) return { listed: shown, hidden: 0 };
+  const listed = shown.slice(0, limit);
+  const wanted = new Set(selected);
+  for (let i = limit; i < shown.length && wanted.size > 0; i++) {
+    if (wanted.has(shown[i].id)) listed.push(shown[i]);
+  }
+  return { listed, hidden: shown.length - listed.length };
+}
+
+/**
  * A duration for people: "42 s", "3 min 05 s", "2 h 07 min", "3 d 4 h".
  *
  * @param {number} seconds
