@@ -476,6 +476,71 @@ def test_deleting_a_run_deletes_its_chunks_and_nothing_else(tmp_path: Path) -> N
     assert store.integrity_check() == "ok"
 
 
+def chunk_count(path: Path) -> int:
+    with sqlite3.connect(path) as db:
+        return int(db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0])
+
+
+def test_a_big_run_is_deleted_a_slice_at_a_time_with_the_lock_free_between(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deleted in one transaction, a 12,000,000-point run held every read and commit
+    for 4 s. Each slice now takes the lock anew: another thread gets it between."""
+    monkeypatch.setattr(sqlite_module, "DELETE_SLICE", 2)
+    monkeypatch.setattr(sqlite_module, "MERGE_AT", 1_000)  # a chunk per commit and key
+    store = SQLiteStore(tmp_path / "t.db")
+    store.open_run(SPEC, "s", now=1.0)
+    for seq in range(1, 11):
+        store.append_batch("r1", "s", batch(seq, seq), now=1.0)
+    assert chunk_count(tmp_path / "t.db") == 20  # 10 commits x 2 keys
+
+    class CountingLock:
+        """The store's lock, counting how often it is taken."""
+
+        def __init__(self, lock: Any) -> None:
+            self.lock, self.taken = lock, 0
+
+        def __enter__(self) -> None:
+            self.lock.acquire()
+            self.taken += 1
+
+        def __exit__(self, *exc: object) -> None:
+            self.lock.release()
+
+    lock = CountingLock(store._lock)
+    store._lock = lock  # type: ignore[assignment]
+    assert store.delete_run("r1")
+    assert lock.taken >= 1 + 20 // 2  # the detaching, then a slice of 2 chunks at a time
+    assert chunk_count(tmp_path / "t.db") == 0
+    assert store.metrics("r1") == (0, {}) and store.integrity_check() == "ok"
+
+
+def test_a_delete_cut_short_is_finished_at_open_and_never_reaches_the_runs_new_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    store.open_run(SPEC, "s", now=1.0)
+    for seq in range(1, 6):
+        store.append_batch("r1", "s", batch(seq, seq), now=1.0)
+    with monkeypatch.context() as patch:  # the server stopped after the detaching
+        patch.setattr(SQLiteStore, "_purge_detached", lambda self: None)
+        assert store.delete_run("r1")
+    assert store.metrics("r1") == (0, {})  # gone for readers at once
+    # A trainer still writing opens the run anew: its own series, not the old ones.
+    store.open_run(SPEC, "s", now=2.0)
+    store.append_batch("r1", "s", batch(1, 100), now=2.0)
+    assert store.metrics("r1")[1]["loss"].step == [100]
+    store.close()
+    store = SQLiteStore(tmp_path / "t.db")  # the next start finishes the delete
+    assert store.metrics("r1")[1]["loss"].step == [100]
+    with sqlite3.connect(tmp_path / "t.db") as db:
+        assert db.execute("SELECT run_id, key FROM series ORDER BY key").fetchall() == [
+            ("r1", "acc"),
+            ("r1", "loss"),
+        ]
+    assert chunk_count(tmp_path / "t.db") == 2 and store.integrity_check() == "ok"
+
+
 def test_the_environment_is_kept_from_the_first_opening(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "t.db")
     first = msgspec.structs.replace(SPEC, env={"host": "a", "gpus": ["H100"]})

@@ -111,6 +111,15 @@ _MIGRATIONS: Final[list[str | Callable[[sqlite3.Connection], None]]] = [
     """,
 ]
 
+# A run is deleted in two steps (delete_run): at once, its series are detached, their
+# run_id made this prefix and their own id (no run id holds a "/"); then their chunks
+# are deleted DELETE_SLICE at a time, the store's lock free between slices. In one
+# transaction, deleting a 12,000,000-point run held every read and commit for 4 s
+# (Debian's SQLite zeroes every freed page: 290 MB written to the WAL).
+_DETACHED: Final = "/deleted/"
+_DETACHED_END: Final = "/deleted0"  # "0" follows "/": the end of the prefix's range
+DELETE_SLICE: Final = 64
+
 # What every database of SCHEMA_VERSION holds, checked at open.
 _TABLES: Final = frozenset({"runs", "streams", "series", "chunks", "tokens"})
 
@@ -167,6 +176,10 @@ class SQLiteStore:
         self._series_ids: dict[str, dict[str, int]] = {}
         # Per series id: how many small chunks end it (see MERGE_AT), once known.
         self._small_tails: dict[int, int] = {}
+        try:
+            self._purge_detached()  # what a delete cut short (a crash, a stop) left
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open {self.path}: {exc}") from exc
 
     def _migrate(self) -> None:
         version: int = self._db.execute("PRAGMA user_version").fetchone()[0]
@@ -352,19 +365,42 @@ class SQLiteStore:
 
     def delete_run(self, run_id: str) -> bool:
         with self._lock, self._transaction():
+            # Detached, not deleted, in this transaction (see _DETACHED): gone at once
+            # for every reader, and a trainer writing to the same id meanwhile opens
+            # the run anew with series of its own, never these.
             self._db.execute(
-                "DELETE FROM chunks WHERE series_id IN (SELECT id FROM series WHERE run_id = ?)",
-                (run_id,),
+                "UPDATE series SET run_id = ? || id WHERE run_id = ?", (_DETACHED, run_id)
             )
-            self._db.execute("DELETE FROM series WHERE run_id = ?", (run_id,))
             self._db.execute("DELETE FROM streams WHERE run_id = ?", (run_id,))
             deleted = self._db.execute("DELETE FROM runs WHERE id = ?", (run_id,)).rowcount > 0
             # Under the lock: a writer in between could otherwise still find a deleted
-            # series id here, or a tail counted for it, once SQLite hands the id out again.
+            # series id here.
             self._series_ids.pop(run_id, None)
-            # Series ids may be reused once deleted: forget every tail, to be counted afresh.
-            self._small_tails.clear()
+        self._purge_detached()
         return deleted
+
+    def _purge_detached(self) -> None:
+        """Delete the chunks of detached series, DELETE_SLICE per transaction, then
+        each series; the lock is taken anew for every slice."""
+        while True:
+            with self._lock, self._transaction():
+                row = self._db.execute(
+                    "SELECT id FROM series WHERE run_id >= ? AND run_id < ? LIMIT 1",
+                    (_DETACHED, _DETACHED_END),
+                ).fetchone()
+                if row is None:
+                    return
+                series_id: int = row[0]
+                gone = self._db.execute(
+                    "DELETE FROM chunks WHERE rowid IN"
+                    " (SELECT rowid FROM chunks WHERE series_id = ? LIMIT ?)",
+                    (series_id, DELETE_SLICE),
+                ).rowcount
+                if gone < DELETE_SLICE:  # its last chunks: the series goes too
+                    self._db.execute("DELETE FROM series WHERE id = ?", (series_id,))
+                    # SQLite may hand the id out again from now on: a tail counted
+                    # for it would be another series'.
+                    self._small_tails.pop(series_id, None)
 
     def running_runs(self) -> list[str]:
         with self._lock:
