@@ -379,8 +379,17 @@ def test_a_long_run_list_draws_a_page_keeps_the_selected_and_shows_more_on_deman
     assert page.locator(listed).count() == 201
     assert page.locator(f'{listed}[data-run-id="sweep-005"] .run-check').is_checked()
     assert page.locator(".run-more-note").inner_text() == "249 more match; the search narrows them"
-    page.click(".run-more")
+    page.focus(".run-more")
+    page.keyboard.press("Enter")
     assert page.locator(listed).count() == 401  # the next 200, the selected run still last
+    # The focus goes on to the first of them, not to the page's start with the
+    # button drawn anew; and it stays where it is when the list is redrawn.
+    focused = "() => document.activeElement.closest('li')?.dataset.runId"
+    assert page.evaluate(focused) == "sweep-249"
+    page.focus(f'{listed}[data-run-id="sweep-300"] .run-check')
+    page.keyboard.press("Space")  # ticked: the selection changes, the list is redrawn
+    assert page.locator(f'{listed}[data-run-id="sweep-300"] .run-check').is_checked()
+    assert page.evaluate(focused) == "sweep-300"
     page.fill("#run-search", "lr-007")
     assert page.locator(listed).count() == 1
     assert page.locator(".run-more").count() == 0

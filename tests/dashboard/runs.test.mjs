@@ -5,6 +5,8 @@ import assert from "node:assert/strict";
 import {
   assignColours,
   filterRuns,
+  findControl,
+  focusedControl,
   formatAgo,
   formatDuration,
   formatStarted,
@@ -94,4 +96,59 @@ test("listedRuns draws the first runs, then the selected ones further down", () 
   );
   assert.equal(hidden, 6); // r3-r7, r9
   assert.deepEqual(listedRuns(shown, [], 0), { listed: [], hidden: 10 });
+});
+
+/** As much of a DOM element as the run list's focus keeping uses. */
+class Element {
+  constructor(className = "", runId = undefined) {
+    this.classList = className ? [className] : [];
+    this.dataset = runId === undefined ? {} : { runId };
+    this.children = [];
+    this.parentElement = null;
+  }
+  append(...children) {
+    for (const child of children) {
+      child.parentElement = this;
+      this.children.push(child);
+    }
+    return this;
+  }
+  contains(other) {
+    for (let node = other; node !== null; node = node.parentElement) if (node === this) return true;
+    return false;
+  }
+  querySelector(selector) {
+    for (const child of this.children) {
+      if (`.${child.classList[0]}` === selector) return child;
+      const found = child.querySelector(selector);
+      if (found !== null) return found;
+    }
+    return null;
+  }
+}
+
+/** A run list as renderRunList draws it: an item per run, then the "show more" item. */
+function drawnList(ids) {
+  const list = new Element("runs");
+  for (const id of ids) {
+    list.append(new Element("run", id).append(new Element("run-check"), new Element("run-open")));
+  }
+  return list.append(new Element("run-more-item").append(new Element("run-more")));
+}
+
+test("the control with the focus is found again in the run list drawn anew", () => {
+  const before = drawnList(["r1", 'say "hi"', "r3"]);
+  const after = drawnList(["r0", "r1", 'say "hi"']); // a new run on top; r3 past the page
+  const check = before.children[1].children[0];
+  const where = focusedControl(before, check);
+  assert.deepEqual(where, { run: 'say "hi"', part: "run-check" });
+  assert.equal(findControl(after, where), after.children[2].children[0]);
+  const more = focusedControl(before, before.children[3].children[0]);
+  assert.deepEqual(more, { run: null, part: "run-more" });
+  assert.equal(findControl(after, more), after.children[3].children[0]);
+  // No longer listed: nowhere to go. Focus outside the list: nothing to keep.
+  assert.equal(findControl(after, focusedControl(before, before.children[2].children[1])), null);
+  assert.equal(focusedControl(before, new Element("search")), null);
+  assert.equal(focusedControl(before, null), null);
+  assert.equal(focusedControl(before, before), null);
 });

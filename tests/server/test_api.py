@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import math
+import sqlite3
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -210,6 +211,33 @@ def test_every_point_of_a_csv_reads_back_as_the_float_stored(client: TestClient)
         assert float(text_value) == values["v"]  # float() reads "Infinity" too
         assert math.copysign(1, float(text_value)) == math.copysign(1, values["v"])
     assert lines[15].endswith(",Infinity") and lines[1].endswith(",-0.0")
+
+
+def test_a_delete_whose_points_cannot_go_yet_is_still_a_delete(
+    client: TestClient, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The run was gone, and dashboards told, when deleting its points failed (a
+    full disk): the answer was a 503, and the admin's retry a 404."""
+    with open_trainer(client) as trainer:
+        send(trainer, Batch(seq=1, rows=[(0, 1.0, {"x": 1.0})]))
+        receive(trainer)
+    with sqlite3.connect(tmp_path / "trainwire.db") as db:
+        db.execute(
+            "CREATE TRIGGER full BEFORE DELETE ON chunks"
+            " BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END"
+        )
+    with open_dashboard(client) as dash:
+        greeting(dash)
+        assert client.delete(f"/api/runs/{SPEC.id}").status_code == 204
+        told = dash.receive_json()
+        assert (told["type"], told["run"]["id"], told["run"]["status"]) == (
+            "run",
+            SPEC.id,
+            "deleted",
+        )
+    assert "its points are left for later (database or disk is full)" in caplog.text
+    assert client.get(f"/api/runs/{SPEC.id}").status_code == 404
+    assert client.get("/api/runs").json() == []
 
 
 def test_unknown_runs_and_keys_are_404_with_a_reason(client: TestClient) -> None:

@@ -353,6 +353,34 @@ def test_history_never_reads_another_runs_series_under_a_reused_id(tmp_path: Pat
     assert series["acc"].step == []  # deleted meanwhile: nothing, not the other run's "y"
 
 
+class MadeAnewBetweenSeries(SQLiteStore):
+    """Before history reads the run's second series, the run is deleted, and its
+    writer, still going, opens it anew (as a trainer reconnecting after 4410 does):
+    same run id, its keys in another order, so its "loss" gets the id "acc" had."""
+
+    def _series_as_of(self, run_id: str, series_id: int, *args: Any) -> Any:
+        if series_id == 2 and self.delete_run(run_id):
+            self.open_run(SPEC, "s", now=2.0)
+            rows = [(7, 2.0, {"acc": 99.0, "loss": 42.0})]
+            self.append_batch(run_id, "s", Batch(seq=1, rows=rows), now=2.0)
+            assert self._series_id(run_id, "loss") == 2
+        return super()._series_as_of(run_id, series_id, *args)
+
+
+def test_history_never_reads_the_series_of_its_run_made_anew_under_a_reused_id(
+    tmp_path: Path,
+) -> None:
+    """Checked on series id and run id alone, "acc" came back holding the new run's
+    "loss" (42.0 at step 7): its commit 1 is under the old run's seq."""
+    store = MadeAnewBetweenSeries(tmp_path / "t.db")
+    store.open_run(SPEC, "s", now=1.0)
+    store.append_batch("r1", "s", batch(1, 0, 1), now=1.0)
+    seq, series = store.history("r1")
+    assert seq == 1 and series["loss"].step == [0, 1]
+    assert series["acc"].step == []  # the run read is gone: nothing of the new one
+    assert store.history("r1")[1]["loss"].value == [42.0]  # the new run, read afresh
+
+
 def test_an_ended_run_is_forgotten_by_the_store_and_written_to_as_before(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -516,15 +544,13 @@ def test_a_big_run_is_deleted_a_slice_at_a_time_with_the_lock_free_between(
 
 
 def test_a_delete_cut_short_is_finished_at_open_and_never_reaches_the_runs_new_writer(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     store = SQLiteStore(tmp_path / "t.db")
     store.open_run(SPEC, "s", now=1.0)
     for seq in range(1, 6):
         store.append_batch("r1", "s", batch(seq, seq), now=1.0)
-    with monkeypatch.context() as patch:  # the server stopped after the detaching
-        patch.setattr(SQLiteStore, "_purge_detached", lambda self: None)
-        assert store.delete_run("r1")
+    assert store.detach_run("r1")  # and the server stopped before the purge
     assert store.metrics("r1") == (0, {})  # gone for readers at once
     # A trainer still writing opens the run anew: its own series, not the old ones.
     store.open_run(SPEC, "s", now=2.0)
@@ -539,6 +565,35 @@ def test_a_delete_cut_short_is_finished_at_open_and_never_reaches_the_runs_new_w
             ("r1", "loss"),
         ]
     assert chunk_count(tmp_path / "t.db") == 2 and store.integrity_check() == "ok"
+
+
+def test_a_purge_that_fails_at_open_leaves_the_points_for_later_and_the_store_opens(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A purge left over (a delete cut short) that cannot run at the next start (a
+    full disk: freeing pages writes them to the WAL first) refused the start: the
+    server stayed down for points no reader could see any more."""
+    store = SQLiteStore(tmp_path / "t.db")
+    store.open_run(SPEC, "s", now=1.0)
+    store.append_batch("r1", "s", batch(1, 1), now=1.0)
+    assert store.detach_run("r1")
+    store.close()
+    with sqlite3.connect(tmp_path / "t.db") as db:
+        db.execute(
+            "CREATE TRIGGER full BEFORE DELETE ON chunks"
+            " BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END"
+        )
+    store = SQLiteStore(tmp_path / "t.db")
+    assert "points of deleted runs left for later (database or disk is full)" in caplog.text
+    assert store.list_runs() == [] and store.metrics("r1") == (0, {})
+    store.open_run(SPEC, "s", now=2.0)  # served as ever
+    assert store.append_batch("r1", "s", batch(1, 5), now=2.0) == Commit(0, 1)
+    store.close()
+    with sqlite3.connect(tmp_path / "t.db") as db:
+        db.execute("DROP TRIGGER full")
+    store = SQLiteStore(tmp_path / "t.db")  # the next start purges
+    assert chunk_count(tmp_path / "t.db") == 2  # the new run's
+    assert store.metrics("r1")[1]["loss"].step == [5]
 
 
 def test_the_environment_is_kept_from_the_first_opening(tmp_path: Path) -> None:

@@ -46,6 +46,8 @@ import { CHART_HEIGHT, cssVar, plotOptions, savePng, uPlot } from "./plot.js";
 import {
   assignColours,
   filterRuns,
+  findControl,
+  focusedControl,
   formatAgo,
   formatDuration,
   formatStarted,
@@ -603,8 +605,12 @@ function toggleRun(id, on) {
 
 el.runs.addEventListener("click", (event) => {
   if (event.target.closest(".run-more") !== null) {
+    const first = runListLimit;
     runListLimit += RUN_LIST_PAGE;
     renderRunList();
+    // On to the first run now shown: the button pressed is at the end of the list
+    // again, past them (and the focus, left on it, would skip them all).
+    el.runs.children[first]?.querySelector(".run-open")?.focus();
     return;
   }
   const item = event.target.closest("li[data-run-id]");
@@ -672,6 +678,7 @@ function scheduleRunList() {
 }
 
 function renderRunList() {
+  const focus = focusedControl(el.runs, document.activeElement);
   const now = Date.now() / 1000;
   const shown = filterRuns(sortRuns(runs.values()), view.q, el.statusFilter.value);
   const { listed, hidden } = listedRuns(shown, view.runs, runListLimit);
@@ -707,6 +714,8 @@ function renderRunList() {
     items.push(more);
   }
   el.runs.replaceChildren(...items);
+  // Where it was, without scrolling to it: this runs at every running run's update.
+  if (focus !== null) findControl(el.runs, focus)?.focus({ preventScroll: true });
   el.runsEmpty.hidden = shown.length > 0;
   el.runsEmpty.textContent = !runsReceived
     ? "Waiting for the server…"

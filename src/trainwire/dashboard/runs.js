@@ -47,6 +47,41 @@ export function listedRuns(shown, selected, limit) {
 }
 
 /**
+ * The control of the run list that has the keyboard focus, as what finds it again
+ * in the list drawn anew (see {@link findControl}): its run's id (null for the
+ * "show more" button, which belongs to no run) and its class. Null when the focus
+ * is elsewhere. The list is drawn anew at every status update of a running run
+ * (once a second each), and its elements with it: the focus went to the page's
+ * start each time, and a keyboard user could neither tick a run nor page through.
+ *
+ * @param {Element} list the run list (`ul#runs`), whose children are its items
+ * @param {Element|null} active `document.activeElement`
+ * @returns {{run: string|null, part: string}|null}
+ */
+export function focusedControl(list, active) {
+  if (active === null || active === list || !list.contains(active)) return null;
+  let item = active;
+  while (item.parentElement !== list) item = item.parentElement;
+  return { run: item.dataset.runId ?? null, part: active.classList[0] ?? "" };
+}
+
+/**
+ * The control {@link focusedControl} described, in the list as drawn now; null if
+ * its run is no longer listed (filtered out, deleted).
+ *
+ * @param {Element} list
+ * @param {{run: string|null, part: string}} where
+ * @returns {HTMLElement|null}
+ */
+export function findControl(list, where) {
+  if (where.part === "") return null;
+  for (const item of list.children) {
+    if ((item.dataset.runId ?? null) === where.run) return item.querySelector(`.${where.part}`);
+  }
+  return null;
+}
+
+/**
  * A duration for people: "42 s", "3 min 05 s", "2 h 07 min", "3 d 4 h".
  *
  * @param {number} seconds

@@ -6,6 +6,7 @@ the protocol says); the pydantic models below exist to describe them in OpenAPI.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Iterable, Iterator
@@ -19,10 +20,13 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from trainwire import __version__
+from trainwire.exceptions import StorageError
 from trainwire.protocol.columns import spelled
 from trainwire.protocol.messages import PROTOCOL_VERSION, RunInfo, json_value
 from trainwire.server.bus import Bus, RunChanged
 from trainwire.storage import SampledSeries, SeriesSummary, Store
+
+logger = logging.getLogger("trainwire.server")
 
 __all__ = ["router"]
 
@@ -310,8 +314,18 @@ def _safe_name(text: str, fallback: str) -> str:
 )
 async def delete_run(request: Request, run_id: str) -> Response:
     store = _store(request)
-    if not await run_in_threadpool(store.delete_run, run_id):
+    if not await run_in_threadpool(store.detach_run, run_id):
         raise HTTPException(404, f"no run {run_id!r}")
+    # Told before the points go, not after: that takes seconds for a big run, and its
+    # writer, closed 4410 at its next batch, reconnects within 0.1 s and opens the run
+    # anew. Told after, every dashboard dropped the run its writer had just made.
     bus: Bus = request.app.state.bus
     await bus.publish(RunChanged(RunInfo(run_id, "", "", "deleted", 0.0, time.time(), {})))
+    try:
+        await run_in_threadpool(store.purge_deleted)
+    except StorageError as exc:
+        # The run is deleted, and every dashboard told: a 503 would have the admin
+        # try again, to a 404. Its points are out of every reader's way, and go at
+        # the next delete or start.
+        logger.warning("run %s deleted; its points are left for later (%s)", run_id, exc)
     return Response(status_code=204)

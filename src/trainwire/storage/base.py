@@ -136,7 +136,19 @@ class Store(Protocol):
         ...
 
     def delete_run(self, run_id: str) -> bool:
-        """Delete a run and all its points; False if there was none."""
+        """Delete a run and all its points; False if there was none:
+        :meth:`detach_run`, then :meth:`purge_deleted`."""
+        ...
+
+    def detach_run(self, run_id: str) -> bool:
+        """Take a run away at once: gone for every reader, and a writer that goes on
+        opens it anew; False if there was none. Its points are left for
+        :meth:`purge_deleted`, which may take seconds for a big run."""
+        ...
+
+    def purge_deleted(self) -> None:
+        """Delete the points of the runs taken away by :meth:`detach_run`, a slice at
+        a time, other requests served between slices."""
         ...
 
     def running_runs(self) -> list[str]:

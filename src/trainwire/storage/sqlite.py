@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import sqlite3
 import struct
@@ -30,6 +31,8 @@ from trainwire.storage.chunks import Chunk, Columns
 from trainwire.storage.downsample import downsample
 
 __all__ = ["MERGE_AT", "SCHEMA_VERSION", "SMALL_CHUNK", "SQLiteStore"]
+
+logger = logging.getLogger("trainwire.server")
 
 SCHEMA_VERSION: Final = 4
 
@@ -177,9 +180,13 @@ class SQLiteStore:
         # Per series id: how many small chunks end it (see MERGE_AT), once known.
         self._small_tails: dict[int, int] = {}
         try:
-            self._purge_detached()  # what a delete cut short (a crash, a stop) left
-        except sqlite3.Error as exc:
-            raise StorageError(f"cannot open {self.path}: {exc}") from exc
+            self.purge_deleted()  # what a delete cut short (a crash, a stop) left
+        except StorageError as exc:
+            # Not a reason to refuse to start: the points are out of every reader's
+            # way already, and go at the next delete or start. (The likeliest cause,
+            # a full disk, is also when runs are deleted: freeing pages writes them
+            # to the WAL first.)
+            logger.warning("%s: points of deleted runs left for later (%s)", self.path, exc)
 
     def _migrate(self) -> None:
         version: int = self._db.execute("PRAGMA user_version").fetchone()[0]
@@ -364,6 +371,11 @@ class SQLiteStore:
             return self._settle_status(run_id, now)
 
     def delete_run(self, run_id: str) -> bool:
+        deleted = self.detach_run(run_id)
+        self.purge_deleted()
+        return deleted
+
+    def detach_run(self, run_id: str) -> bool:
         with self._lock, self._transaction():
             # Detached, not deleted, in this transaction (see _DETACHED): gone at once
             # for every reader, and a trainer writing to the same id meanwhile opens
@@ -376,10 +388,9 @@ class SQLiteStore:
             # Under the lock: a writer in between could otherwise still find a deleted
             # series id here.
             self._series_ids.pop(run_id, None)
-        self._purge_detached()
         return deleted
 
-    def _purge_detached(self) -> None:
+    def purge_deleted(self) -> None:
         """Delete the chunks of detached series, DELETE_SLICE per transaction, then
         each series; the lock is taken anew for every slice."""
         while True:
@@ -604,8 +615,13 @@ class SQLiteStore:
             overlap += " AND step_lo <= ?"
         bounds = [bound for bound in (start, end) if bound is not None]
         with self._lock, self._transaction():
-            last_seq = self._commit_seq(run_id)
+            run = self._db.execute(
+                "SELECT commit_seq, created FROM runs WHERE id = ?", (run_id,)
+            ).fetchone()
             found = self._db.execute(*_series_query(run_id, keys)).fetchall()
+        if run is None:
+            return 0, {}
+        last_seq, created = int(run[0]), float(run[1])
         # One series at a time, each downsampled before the next is read: read at
         # once, a 4-key run of 3,000,000 steps held 288 MB of blobs, and the lock for
         # all of them; a 400-key one, its every point, to chart 2,000 per key. The
@@ -613,7 +629,7 @@ class SQLiteStore:
         # of last_seq, for the dashboard that subscribes after it.
         return last_seq, {
             key: _sampled(
-                self._series_as_of(run_id, series_id, last_seq, overlap, bounds),
+                self._series_as_of(run_id, series_id, key, created, last_seq, overlap, bounds),
                 start,
                 end,
                 points,
@@ -622,17 +638,30 @@ class SQLiteStore:
         }
 
     def _series_as_of(
-        self, run_id: str, series_id: int, last_seq: int, condition: str, params: list[Any]
+        self,
+        run_id: str,
+        series_id: int,
+        key: str,
+        created: float,
+        last_seq: int,
+        condition: str,
+        params: list[Any],
     ) -> Columns:
         """The points of a series of the run committed up to ``last_seq``, of the
         chunks that meet ``condition``, in commit order; none if the series is no
-        longer the run's (deleted meanwhile, its id perhaps another run's now)."""
+        longer the run's ``key``, or the run is no longer the one made at ``created``.
+
+        Between series the run may be deleted and its series ids handed out again:
+        to another run, or to the same run id made anew by its writer (which numbers
+        its commits from 1 again, under last_seq). Checked on the id and run id
+        alone, the answer held the new run's points, under another key's name."""
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {_CHUNK_COLUMNS} FROM chunks"
-                " WHERE series_id = (SELECT id FROM series WHERE id = ? AND run_id = ?)"
-                f" AND seq_lo <= ?{condition} ORDER BY seq_hi",
-                [series_id, run_id, last_seq, *params],
+                f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE series_id = ("
+                "  SELECT s.id FROM series s JOIN runs r ON r.id = s.run_id"
+                "  WHERE s.id = ? AND s.run_id = ? AND s.key = ? AND r.created = ?"
+                f") AND seq_lo <= ?{condition} ORDER BY seq_hi",
+                [series_id, run_id, key, created, last_seq, *params],
             ).fetchall()
         return _concatenate([chunks.decode_through(Chunk(*row), last_seq) for row in rows])
 
