@@ -588,7 +588,9 @@ def test_rows_the_server_has_not_confirmed_in_time_go_to_disk_while_the_run_goes
     for step in range(100):
         run.log({"x": float(step)})
     assert wait_until(lambda: outbox.spilling and outbox.rows == 100, 10_000 * MS)
-    assert "has not confirmed rows for 0.2 s: writing them to" in caplog.text
+    # Said by the sender thread once the rows are on disk: just after, not with them.
+    said = "has not confirmed rows for 0.2 s: writing them to"
+    assert wait_until(lambda: said in caplog.text, 10_000 * MS)
     run.log({"x": 100.0})  # a later row follows them to the file
     assert wait_until(lambda: outbox.rows == 101 and outbox.held_since is None, 10_000 * MS)
     live_server.start()
