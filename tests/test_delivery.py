@@ -607,12 +607,13 @@ def test_a_healthy_connection_keeps_its_rows_in_memory(
     from trainwire.client import sender as sender_module
     from trainwire.client.spool import SpillingOutbox
 
-    monkeypatch.setattr(sender_module, "SPILL_AFTER", 1.0)
+    # Room for a loaded CI machine: acks come every 50 ms, rows go at 2 s.
+    monkeypatch.setattr(sender_module, "SPILL_AFTER", 2.0)
     monkeypatch.setattr(sender_module, "ACK_READ_INTERVAL", 0.05)
     run = trainwire.init(url=live_server.url, flush_interval=0.01)
     outbox = run._sender.session.outbox
     assert isinstance(outbox, SpillingOutbox)
-    step, until = 0, time.monotonic() + 3.0  # three times SPILL_AFTER of logging
+    step, until = 0, time.monotonic() + 3.0  # unacknowledged, the first rows would go
     while time.monotonic() < until:
         run.log({"x": float(step)})
         step += 1
