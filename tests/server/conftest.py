@@ -3,13 +3,16 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
 from fastapi.testclient import TestClient
 from starlette.testclient import WebSocketTestSession
+from websockets.sync.client import connect
 
-from trainwire.protocol.messages import PROTOCOL_VERSION, Hello, RunSpec, ServerToTrainer
+from tests.conftest import TOKEN
+from trainwire.protocol.messages import PROTOCOL_VERSION, Hello, RunSpec, ServerToTrainer, Welcome
 from trainwire.server.app import create_app
 from trainwire.settings import Limits, Settings
 
@@ -53,3 +56,15 @@ def open_trainer(client: TestClient, spec: RunSpec = SPEC) -> Iterator[WebSocket
         send(ws, Hello(v=PROTOCOL_VERSION, run=spec))
         receive(ws)
         yield ws
+
+
+@contextlib.contextmanager
+def live_trainer(ws_url: str, spec: RunSpec = SPEC) -> Iterator[tuple[Any, Welcome]]:
+    """A trainer's connection to a live server (``LiveServer.ws_url``), and the welcome
+    to its hello."""
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with connect(ws_url + "/ws/ingest", additional_headers=auth) as ws:
+        ws.send(msgspec.msgpack.encode(Hello(v=PROTOCOL_VERSION, run=spec)))
+        welcome = msgspec.msgpack.decode(ws.recv(5), type=ServerToTrainer)
+        assert isinstance(welcome, Welcome), welcome
+        yield ws, welcome

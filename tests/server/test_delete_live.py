@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import msgspec
 from websockets.sync.client import connect
 
-from tests.conftest import MS, TOKEN, LiveServer, wait_until
+from tests.conftest import MS, TOKEN, LiveServer
+from tests.server.conftest import live_trainer
 from trainwire.protocol.messages import (
-    PROTOCOL_VERSION,
     Ack,
     Batch,
-    Hello,
     RunSpec,
     ServerToTrainer,
-    Welcome,
 )
 from trainwire.storage import SQLiteStore
 
@@ -36,28 +32,25 @@ class SlowPurge(SQLiteStore):
 
     def __init__(self, path: Path) -> None:
         self.purging = threading.Event()
+        self.reopened = threading.Event()
         self.armed = False
         super().__init__(path)
+
+    def open_run(self, spec: RunSpec, *args: Any, **kwargs: Any) -> int:
+        last_seq = super().open_run(spec, *args, **kwargs)
+        if self.armed and spec.id == SPEC.id:
+            self.reopened.set()
+        return last_seq
 
     def purge_deleted(self) -> None:
         if self.armed:
             self.purging.set()
-            assert wait_until(lambda: self.get_run(SPEC.id) is not None, 5000 * MS)
+            assert self.reopened.wait(5000 * MS)
         super().purge_deleted()
 
 
 def from_server(ws: Any) -> ServerToTrainer:
     return msgspec.msgpack.decode(ws.recv(5), type=ServerToTrainer)
-
-
-@contextlib.contextmanager
-def trainer(server: LiveServer, spec: RunSpec) -> Iterator[tuple[Any, Welcome]]:
-    """A trainer's connection, and the welcome to its hello."""
-    with connect(server.ws_url + "/ws/ingest", additional_headers=AUTH) as ws:
-        ws.send(msgspec.msgpack.encode(Hello(v=PROTOCOL_VERSION, run=spec)))
-        welcome = from_server(ws)
-        assert isinstance(welcome, Welcome)
-        yield ws, welcome
 
 
 def delete(server: LiveServer, run_id: str) -> int:
@@ -80,8 +73,8 @@ def test_dashboards_are_told_of_a_delete_before_its_writer_opens_the_run_anew(
     assert isinstance(store, SlowPurge)
     try:
         with (
-            trainer(server, SPEC) as (writer, _),
-            trainer(server, OTHER) as (other, _),
+            live_trainer(server.ws_url, SPEC) as (writer, _),
+            live_trainer(server.ws_url, OTHER) as (other, _),
             connect(server.ws_url + "/ws/dashboard", additional_headers=AUTH) as dash,
         ):
             writer.send(msgspec.msgpack.encode(Batch(seq=1, rows=[(0, 1.0, {"x": 1.0})])))
@@ -94,7 +87,7 @@ def test_dashboards_are_told_of_a_delete_before_its_writer_opens_the_run_anew(
             deleting = threading.Thread(target=lambda: answers.append(delete(server, SPEC.id)))
             deleting.start()
             assert store.purging.wait(5000 * MS)
-            with trainer(server, SPEC) as (again, welcome):  # the writer goes on
+            with live_trainer(server.ws_url, SPEC) as (again, welcome):  # the writer goes on
                 assert welcome.new_run
                 deleting.join(5000 * MS)
                 assert answers == [204]

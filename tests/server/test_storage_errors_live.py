@@ -15,6 +15,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from tests.conftest import TOKEN, LiveServer
+from tests.server.conftest import live_trainer
 from trainwire.exceptions import StorageError
 from trainwire.protocol.messages import PROTOCOL_VERSION, Batch, Hello, RunSpec
 from trainwire.storage import SQLiteStore
@@ -45,15 +46,6 @@ def close_of(ws: Any) -> tuple[int, str]:
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-@contextlib.contextmanager
-def trainer_of(url: str) -> Iterator[Any]:
-    """A trainer's connection to the live server at ``url``, its hello welcomed."""
-    with connect(url + "/ws/ingest", additional_headers=AUTH) as trainer:
-        trainer.send(msgspec.msgpack.encode(Hello(v=PROTOCOL_VERSION, run=SPEC)))
-        trainer.recv(5)
-        yield trainer
-
-
 class CatchUpFails(SQLiteStore):
     def columns_after(self, *args: Any, **kwargs: Any) -> Any:
         raise StorageError("disk I/O error")
@@ -78,7 +70,7 @@ def test_catch_up_failure_closes_1011_over_real_sockets(
 ) -> None:
     caplog.set_level(logging.INFO)
     with serving(tmp_path, CatchUpFails) as url:
-        with trainer_of(url):  # the run exists, opened by its trainer
+        with live_trainer(url, SPEC):  # the run exists, opened by its trainer
             with connect(url + "/ws/dashboard", additional_headers=AUTH) as dash:
                 dash.recv(5), dash.recv(5)
                 dash.send(json.dumps({"type": "subscribe", "run": "run-1", "after": 0}))
@@ -101,7 +93,7 @@ def test_ingest_failure_closes_1011_over_real_sockets(
 ) -> None:
     caplog.set_level(logging.INFO)
     with serving(tmp_path, AppendFails) as url:
-        with trainer_of(url) as trainer:
+        with live_trainer(url, SPEC) as (trainer, _):
             trainer.send(msgspec.msgpack.encode(Batch(seq=1, rows=[(0, 1.0, {"x": 1.0})])))
             assert close_of(trainer) == (1011, "server storage error: database or disk is full")
     assert tracebacks(caplog) == []
@@ -110,7 +102,7 @@ def test_ingest_failure_closes_1011_over_real_sockets(
 def test_normal_disconnects_log_nothing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     with serving(tmp_path, SQLiteStore) as url:
-        with trainer_of(url) as trainer:
+        with live_trainer(url, SPEC) as (trainer, _):
             trainer.send(msgspec.msgpack.encode(Batch(seq=1, rows=[(0, 1.0, {"x": 1.0})])))
             trainer.recv(5)
             with connect(url + "/ws/dashboard", additional_headers=AUTH) as dash:

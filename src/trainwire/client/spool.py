@@ -106,33 +106,7 @@ class SpillingOutbox:
             ConfigError: the file cannot be opened, or is not a trainwire run file.
         """
         # Unbuffered, as every handle the outbox appends to (see _open).
-        try:
-            handle = open(path, "r+b", buffering=0)  # noqa: SIM115 - owned by the outbox
-        except OSError as exc:
-            raise ConfigError(f"cannot open {path}: {exc.strerror}") from exc
-        try:
-            # A running trainer's spill file holds rows newer than those it still has
-            # in memory: uploaded first, they moved the stream past the older ones,
-            # which the server then took for resends and the trainer dropped as
-            # delivered. That trainer delivers its file itself (see _lock_spill).
-            try:
-                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise ConfigError(
-                    f"{path} is being written by a running trainer, which delivers it "
-                    "itself: sync it once that trainer has ended"
-                ) from None
-            except OSError:  # a file system without locks (some NFS): as before
-                pass
-            if handle.read(len(MAGIC)) != MAGIC:
-                raise ConfigError(f"{path} is not a trainwire run file")
-            header = msgspec.msgpack.decode(_read_record(handle) or b"", type=RunHeader)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            handle.close()
-            raise ConfigError(f"{path}: unreadable header: {exc}") from exc
-        except ConfigError:
-            handle.close()
-            raise
+        handle, header = _open_ended(path, "r+b", buffering=0)
         outbox = cls(path, header, memory_rows=0, disk_bytes=1 << 62, keep=True)
         outbox._file = handle
         outbox._data_start = handle.tell()
@@ -545,18 +519,50 @@ def left_undelivered(folder: Path, rank: int | None) -> list[Path]:
     found = []
     for path in sorted(folder.glob("*.twrun")):
         try:
-            with open(path, "rb") as handle:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                except BlockingIOError:  # a running trainer's spill file
-                    continue
-                except OSError:  # a file system without locks: as open_existing
-                    pass
-                if handle.read(len(MAGIC)) != MAGIC:
-                    continue
-                header = msgspec.msgpack.decode(_read_record(handle) or b"", type=RunHeader)
-                if header.rank == rank and handle.read(1):  # an item after the header
-                    found.append(path)
-        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
-            continue  # not ours to judge here: `trainwire sync` says what is wrong
+            handle, header = _open_ended(path, "rb")
+        except ConfigError:  # a running trainer's, or unreadable: `trainwire sync` says
+            continue
+        with handle, contextlib.suppress(OSError):
+            if header.rank == rank and handle.read(1):  # an item after the header
+                found.append(path)
     return found
+
+
+def _open_ended(path: Path, mode: str, buffering: int = -1) -> tuple[IO[bytes], RunHeader]:
+    """``path`` opened with a shared lock, read past its magic line and header.
+
+    Raises:
+        ConfigError: it cannot be opened, a running trainer still writes it, or it is
+            not a trainwire run file.
+    """
+    try:
+        handle = open(path, mode, buffering=buffering)  # noqa: SIM115 - the caller's to close
+    except OSError as exc:
+        raise ConfigError(f"cannot open {path}: {exc.strerror}") from exc
+    try:
+        # A running trainer's spill file holds rows newer than those it still has in
+        # memory: uploaded first, they moved the stream past the older ones, which the
+        # server then took for resends and the trainer dropped as delivered. That
+        # trainer delivers its file itself (see _lock_spill).
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"{path} is being written by a running trainer, which delivers it "
+                "itself: sync it once that trainer has ended"
+            ) from None
+        except OSError:  # a file system without locks (some NFS): as before
+            pass
+        if handle.read(len(MAGIC)) != MAGIC:
+            raise ConfigError(f"{path} is not a trainwire run file")
+        header = msgspec.msgpack.decode(_read_record(handle) or b"", type=RunHeader)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        handle.close()
+        raise ConfigError(f"{path}: unreadable header: {exc}") from exc
+    except OSError as exc:  # a read that failed (EIO)
+        handle.close()
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except BaseException:
+        handle.close()
+        raise
+    return handle, header
